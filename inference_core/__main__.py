@@ -1,0 +1,3 @@
+from inference_core.cli import main
+
+main()

@@ -1,0 +1,240 @@
+"""The HTTP surface: ``create_app(settings)`` wires settings, engine and routes into one ASGI app.
+
+Routes only parse and check the request, hand a ``Call`` to the engine, and shape its answer.
+``app`` is built on first use from the environment, so ``uvicorn inference_core.api:app`` works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from inference_core import openapi, protocol
+from inference_core.config import ConfigError, ProviderType, Settings, load_settings
+from inference_core.engine import Call, Engine
+from inference_core.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    error_body,
+)
+from inference_core.observability import Metrics, RequestContext, configure_logging, request_id_of
+from inference_core.providers.base import Endpoint, Provider
+from inference_core.providers.openai import OpenAIProvider
+from inference_core.providers.vllm import VLLMProvider
+from inference_core.responses import EventStreamResponse, JSONBytes
+from inference_core.upstream import Transport
+
+_SCHEMAS: dict[Endpoint, type[protocol._Open]] = {
+    Endpoint.CHAT: protocol.ChatCompletionRequest,
+    Endpoint.COMPLETIONS: protocol.CompletionRequest,
+    Endpoint.EMBEDDINGS: protocol.EmbeddingRequest,
+}
+
+
+async def read_json(request: Request, limit: int) -> tuple[Any, bytes]:
+    """The request body, parsed, and its raw bytes; at most ``limit`` bytes are read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        return orjson.loads(raw), raw
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
+
+
+class Routes:
+    """The endpoints, bound to one engine."""
+
+    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+
+    async def _forward(self, request: Request, endpoint: Endpoint) -> Response:
+        payload, raw = await read_json(request, self.settings.max_body_bytes)
+        protocol.check(_SCHEMAS[endpoint], payload)
+        call = Call(endpoint, payload, request_id_of(request.scope), raw)
+        if endpoint is not Endpoint.EMBEDDINGS and payload.get("stream"):
+            stream = await self.engine.stream(call)
+            return EventStreamResponse(stream, stream.headers)  # type: ignore[return-value]
+        reply = await self.engine.complete(call)
+        return JSONBytes(reply.body, reply.status, reply.headers)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._forward(request, Endpoint.CHAT)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._forward(request, Endpoint.COMPLETIONS)
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._forward(request, Endpoint.EMBEDDINGS)
+
+    async def batch(self, request: Request) -> Response:
+        """Many chat requests in, one result each out, in order; one failure fails only itself."""
+        items, _ = await read_json(request, self.settings.max_body_bytes)
+        if not isinstance(items, list):
+            raise InvalidRequest("The request body must be a JSON list of chat completion requests.")
+        request_id = request_id_of(request.scope)
+        results = await asyncio.gather(
+            *(self._batch_item(item, f"{request_id}-{index}") for index, item in enumerate(items))
+        )
+        return JSONBytes(b'{"results":[' + b",".join(results) + b"]}")
+
+    async def _batch_item(self, item: object, request_id: str) -> bytes:
+        try:
+            protocol.check(protocol.ChatCompletionRequest, item)
+            assert isinstance(item, dict)
+            if item.get("stream"):
+                raise InvalidRequest("Streaming is not available in a batch.", param="stream")
+            return (await self.engine.complete(Call(Endpoint.CHAT, item, request_id))).body
+        except GatewayError as exc:
+            return exc.body()
+
+    async def models(self, request: Request) -> Response:
+        return JSONBytes(await self.engine.models(request_id_of(request.scope)))
+
+    async def model(self, request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        return JSONBytes(await self.engine.model(model_id, request_id_of(request.scope)))
+
+    async def health(self, request: Request) -> Response:
+        probe = await self.engine.probe()
+        provider = self.engine.provider
+        return JSONBytes(
+            orjson.dumps(
+                {
+                    "status": "ok" if probe.ok else "degraded",
+                    "provider": provider.name,
+                    "model": self.settings.model,
+                    "backend": {
+                        "reachable": probe.ok,
+                        "latency_ms": round(probe.latency_ms, 2),
+                        "version": getattr(provider, "version", None),
+                    },
+                }
+            )
+        )
+
+    async def live(self, request: Request) -> Response:
+        return JSONBytes(b'{"status":"ok"}')
+
+    async def ready(self, request: Request) -> Response:
+        probe = await self.engine.probe()
+        if probe.ok:
+            return JSONBytes(b'{"status":"ready"}')
+        return JSONBytes(b'{"status":"unavailable","reason":"backend unreachable"}', 503)
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def openapi_json(self, request: Request) -> Response:
+        return JSONBytes(openapi.document())
+
+    async def docs(self, request: Request) -> Response:
+        return HTMLResponse(openapi.SWAGGER_PAGE)
+
+    def table(self) -> list[Route]:
+        return [
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
+            Route("/v1/batch/chat/completions", self.batch, methods=["POST"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/health/live", self.live, methods=["GET"]),
+            Route("/health/ready", self.ready, methods=["GET"]),
+            Route("/metrics", self.metrics_text, methods=["GET"]),
+            Route("/openapi.json", self.openapi_json, methods=["GET"]),
+            Route("/docs", self.docs, methods=["GET"]),
+        ]
+
+
+def gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return JSONBytes(exc.body(), exc.status)
+
+
+def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 answers, in OpenAI's shape."""
+    assert isinstance(exc, HTTPException)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 405:
+        error: GatewayError = MethodNotAllowed(f"Method not allowed ({where}).")
+    else:
+        error = NotFound(f"Invalid URL ({where}).")
+    return JSONBytes(error.body(), error.status, headers=exc.headers)
+
+
+def build_provider(settings: Settings) -> Provider:
+    if settings.provider_type is ProviderType.OPENAI:
+        return OpenAIProvider(drop_unsupported=settings.drop_unsupported_params)
+    return VLLMProvider()
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The gateway for ``settings``: the one place concrete classes are chosen and wired."""
+    transport = Transport(settings.upstream_root, max_connections=settings.max_connections, timeout=settings.timeout)
+    engine = Engine(
+        build_provider(settings),
+        transport,
+        api_key=settings.api_key.get_secret_value(),
+        default_model=settings.model,
+    )
+    metrics = Metrics()
+    routes = Routes(settings, engine, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await transport.start()
+        await engine.discover()
+        yield
+        await transport.aclose()
+
+    return Starlette(
+        routes=routes.table(),
+        middleware=[Middleware(RequestContext, metrics=metrics)],
+        exception_handlers={GatewayError: gateway_error, HTTPException: http_error},
+        lifespan=lifespan,
+    )
+
+
+def __getattr__(name: str) -> Starlette:
+    """``app``, built from the environment when a server first asks for it (not at import)."""
+    if name != "app":
+        raise AttributeError(name)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"inference-core: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+    application = create_app(settings)
+    globals()["app"] = application
+    return application
+
+
+__all__ = ["create_app", "error_body"]

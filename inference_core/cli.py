@@ -1,0 +1,95 @@
+"""``inference-core`` (the gateway) and ``inference-core simulate`` (the backend simulator).
+
+Every setting is also a flag (``--base-url`` for ``INFERENCE_BASE_URL``); flags win over the
+environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from inference_core.config import ENV_PREFIX, ConfigError, Settings, load_settings
+
+
+def _gateway_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inference-core",
+        description="OpenAI-compatible gateway in front of vLLM or OpenAI. "
+        "Run 'inference-core simulate --help' for the backend simulator.",
+    )
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = "****" if name == "api_key" else info.default
+        parser.add_argument(
+            flag,
+            dest=name,
+            metavar=name.upper(),
+            help=f"{info.description} [env {ENV_PREFIX}{name.upper()}, default {default}]",
+        )
+    return parser
+
+
+def _simulator_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inference-core simulate", description="A fast, deterministic stand-in for vLLM or OpenAI."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--mode", choices=("vllm", "openai"), default="vllm", help="which API to imitate")
+    parser.add_argument("--model", default="meta-llama/Meta-Llama-3-8B-Instruct", help="served model name")
+    parser.add_argument("--lora", action="append", default=[], help="a LoRA adapter name (repeatable)")
+    parser.add_argument("--vllm-version", default="0.12.0", help="version reported at /version")
+    parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first token")
+    parser.add_argument("--itl", type=float, default=0.0, help="seconds between stream tokens")
+    parser.add_argument("--dimensions", type=int, default=384, help="embedding size")
+    parser.add_argument("--fault", default="", help="faults for every request, as in the x-sim-fault header")
+    return parser
+
+
+def simulate(argv: Sequence[str]) -> None:
+    from inference_core.simulator import SimulatorConfig, create_simulator
+
+    args = _simulator_parser().parse_args(argv)
+    config = SimulatorConfig(
+        mode=args.mode, model=args.model, lora=tuple(args.lora), vllm_version=args.vllm_version,
+        ttft=args.ttft, itl=args.itl, dimensions=args.dimensions, fault=args.fault,
+    )  # fmt: skip
+    uvicorn.run(create_simulator(config), host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+def serve(argv: Sequence[str]) -> None:
+    from inference_core.api import create_app
+    from inference_core.observability import configure_logging
+
+    args = _gateway_parser().parse_args(argv)
+    try:
+        settings = load_settings(**vars(args))
+    except ConfigError as exc:
+        print(f"inference-core: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.value,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "simulate":
+        simulate(argv[1:])
+    else:
+        serve(argv)
+
+
+if __name__ == "__main__":
+    main()

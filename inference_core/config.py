@@ -1,0 +1,92 @@
+"""Settings: every knob of the gateway, read once from ``INFERENCE_*`` variables.
+
+Parsing happens in one place so that a bad value stops start-up with a single line naming the
+variable, instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "INFERENCE_"
+
+
+class ProviderType(StrEnum):
+    VLLM = "vllm"
+    OPENAI = "openai"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Settings(BaseSettings):
+    """The gateway's configuration; each field is also the ``INFERENCE_<NAME>`` variable."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    provider_type: ProviderType = Field(ProviderType.VLLM, description="Backend kind: vllm or openai.")
+    base_url: AnyHttpUrl = Field(
+        AnyHttpUrl("http://localhost:8000/v1"), description="Backend API root, e.g. http://vllm:8000/v1."
+    )
+    api_key: SecretStr = Field(SecretStr("EMPTY"), description="Key sent to the backend (never logged).")
+    model: str = Field("default-model", min_length=1, description="Model used when a request names none.")
+    timeout: Annotated[float, Field(gt=0)] = Field(
+        60.0, description="Seconds to wait for the backend's answer (for streams: between chunks)."
+    )
+    max_retries: Annotated[int, Field(ge=0)] = Field(3, description="Retry attempts for failed upstream calls.")
+    max_connections: Annotated[int, Field(ge=1)] = Field(100, description="Upstream connection pool size.")
+    max_concurrent_tasks: Annotated[int, Field(ge=1)] = Field(
+        500, description="Requests in flight to the backend at once."
+    )
+    queue_size: Annotated[int, Field(ge=0)] = Field(10_000, description="Requests that may wait for a slot.")
+    host: str = Field("0.0.0.0", description="Address the gateway listens on.")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(8080, description="Port the gateway listens on.")
+    drop_unsupported_params: bool = Field(
+        True, description="Drop backend-specific parameters the backend lacks (false: answer 400)."
+    )
+    max_body_bytes: Annotated[int, Field(ge=1)] = Field(
+        20 * 1024 * 1024, description="Largest request body accepted, in bytes."
+    )
+    log_level: LogLevel = Field(LogLevel.INFO, description="debug, info, warning or error.")
+
+    @property
+    def upstream_root(self) -> str:
+        """The backend URL without a trailing slash, ready for ``+ "/chat/completions"``."""
+        return str(self.base_url).rstrip("/")
+
+
+class ConfigError(Exception):
+    """A setting could not be parsed; ``str()`` is the one line shown to the operator."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, with ``overrides`` (command-line flags) on top."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """One line per bad field: the variable, what it accepts, and never the value of a secret."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}{_accepts(field)}")
+    return "; ".join(lines)
+
+
+def _accepts(field: str) -> str:
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return ""
+    return " (accepts: an http:// or https:// URL)" if info.annotation is AnyHttpUrl else ""

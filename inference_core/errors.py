@@ -1,0 +1,105 @@
+"""The gateway's exceptions; each one knows how a client sees it.
+
+    GatewayError                      any failure answered with an OpenAI error body
+    ├── InvalidRequest                400: the client's request is wrong
+    │   └── UnsupportedParameter      400: the backend cannot honour a parameter
+    ├── NotFound                      404: unknown route or model
+    ├── MethodNotAllowed              405
+    ├── PayloadTooLarge               413: body over INFERENCE_MAX_BODY_BYTES
+    └── UpstreamError                 the backend failed us
+        ├── BackendUnreachable        502: could not connect, or the connection broke
+        ├── BadUpstreamResponse       502: the backend answered something unreadable
+        ├── BackendTimeout            504: no answer within INFERENCE_TIMEOUT
+        └── UpstreamStatusError       the backend's own error status and (normalised) body
+
+Nothing here imports a web framework or an HTTP client: routes render these, transports raise them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> bytes:
+    """The OpenAI error envelope, serialised."""
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class GatewayError(Exception):
+    """A failure the client sees as ``status`` with an OpenAI error body."""
+
+    status: int = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, param=self.param, code=self.code)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedParameter(InvalidRequest):
+    code = "unsupported_parameter"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(GatewayError):
+    """The backend could not give a usable answer."""
+
+
+class BackendUnreachable(UpstreamError):
+    status = 502
+    code = "backend_unreachable"
+
+
+class BadUpstreamResponse(UpstreamError):
+    status = 502
+    code = "bad_upstream_response"
+
+
+class BackendTimeout(UpstreamError):
+    status = 504
+    code = "backend_timeout"
+
+
+class UpstreamStatusError(UpstreamError):
+    """The backend answered with an error status; its body is relayed as an OpenAI error."""
+
+    def __init__(self, status: int, payload: dict[str, Any], *, raw: bytes | None = None) -> None:
+        super().__init__(str(payload.get("message", "")), param=payload.get("param"))
+        self.status = status
+        self.payload = payload
+        self.raw = raw
+
+    def body(self) -> bytes:
+        return self.raw if self.raw is not None else orjson.dumps({"error": self.payload})

@@ -1,0 +1,106 @@
+"""The gateway's OpenAPI document (``/openapi.json``) and its Swagger UI page (``/docs``).
+
+Built from the wire models in ``protocol`` so the documentation cannot drift from what is checked.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from inference_core import __version__, protocol
+
+_REF = "#/components/schemas/{model}"
+_ERRORS = {
+    "400": "Invalid request",
+    "404": "Unknown route or model",
+    "413": "Request body too large",
+    "502": "Backend unreachable or malformed answer",
+    "504": "Backend timed out",
+}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _operation(
+    summary: str, response: type[BaseModel], *, body: dict[str, Any] | None = None, stream: bool = False
+) -> dict[str, Any]:
+    ok = {"description": "Success", "content": _json(_ref(response))}
+    if stream:
+        ok["content"]["text/event-stream"] = {
+            "schema": {"type": "string", "description": "`data: <ChatCompletionChunk>` events, then `data: [DONE]`"}
+        }
+    responses = {"200": ok} | {
+        status: {"description": text, "content": _json(_ref(protocol.ErrorResponse))}
+        for status, text in _ERRORS.items()
+    }
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": _json(body)}
+    return operation
+
+
+@functools.cache
+def document() -> bytes:
+    models: list[type[BaseModel]] = [
+        protocol.ChatCompletionRequest, protocol.CompletionRequest, protocol.EmbeddingRequest,
+        protocol.ChatCompletion, protocol.ChatCompletionChunk, protocol.Completion, protocol.EmbeddingList,
+        protocol.Model, protocol.ModelList, protocol.ErrorResponse, protocol.BatchResponse,
+    ]  # fmt: skip
+    _, schemas = models_json_schema([(model, "validation") for model in models], ref_template=_REF)
+    chat = _ref(protocol.ChatCompletionRequest)
+    paths = {
+        "/v1/chat/completions": {
+            "post": _operation("Chat completion", protocol.ChatCompletion, body=chat, stream=True)
+        },
+        "/v1/completions": {
+            "post": _operation(
+                "Text completion", protocol.Completion, body=_ref(protocol.CompletionRequest), stream=True
+            )
+        },
+        "/v1/embeddings": {
+            "post": _operation("Embeddings", protocol.EmbeddingList, body=_ref(protocol.EmbeddingRequest))
+        },
+        "/v1/models": {"get": _operation("List models", protocol.ModelList)},
+        "/v1/models/{model_id}": {
+            "get": {
+                **_operation("Retrieve a model (ids may contain slashes)", protocol.Model),
+                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            }
+        },
+        "/v1/batch/chat/completions": {
+            "post": _operation(
+                "Many chat completions, answered in order",
+                protocol.BatchResponse,
+                body={"type": "array", "items": chat},
+            )
+        },
+    }
+    return orjson.dumps(
+        {
+            "openapi": "3.1.0",
+            "info": {"title": "inference-core", "version": __version__},
+            "paths": paths,
+            "components": {"schemas": schemas.get("$defs", {})},
+        }
+    )
+
+
+SWAGGER_PAGE = """<!doctype html>
+<html><head><title>inference-core API</title><meta charset="utf-8">
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>
+"""

@@ -1,0 +1,190 @@
+"""OpenAI wire schemas: what the gateway checks in a request, and what /docs shows.
+
+Requests are checked only for the fields the gateway or its users rely on (types, required
+fields); every other field is allowed and forwarded untouched. Responses are relayed as the
+backend sent them; their models here only document the shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from inference_core.errors import InvalidRequest
+
+Stop = str | list[str] | None
+JsonSchema = dict[str, Any] | str
+
+
+class _Open(BaseModel):
+    """A wire object that may carry fields we do not know (they are forwarded)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
+class ChatMessage(_Open):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class _Sampling(_Open):
+    """Fields common to chat and text completions, OpenAI's first, then vLLM's extensions."""
+
+    model: str | None = Field(None, description="Defaults to INFERENCE_MODEL.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: Stop = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    priority: int | None = Field(None, description="vLLM scheduling priority: lower is served sooner.")
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: JsonSchema | None = Field(None, description="Legacy vLLM spelling of structured_outputs.json.")
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class EmbeddingRequest(_Open):
+    model: str | None = Field(None, description="Defaults to INFERENCE_MODEL.")
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = None
+    user: str | None = None
+
+
+# Responses (documentation only: bodies are relayed as the backend wrote them).
+
+
+class Usage(_Open):
+    prompt_tokens: int
+    completion_tokens: int | None = None
+    total_tokens: int
+
+
+class ChatChoice(_Open):
+    index: int
+    message: dict[str, Any]
+    finish_reason: str | None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletion(_Open):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatCompletionChunk(_Open):
+    """One ``data:`` event of a chat stream."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: Usage | None = None
+
+
+class Completion(_Open):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: Usage | None = None
+
+
+class Embedding(_Open):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingList(_Open):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class Model(_Open):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Open):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class BatchResponse(BaseModel):
+    results: list[ChatCompletion | ErrorResponse] = Field(
+        description="One entry per request, in request order: a completion or an error."
+    )
+
+
+def check(schema: type[_Open], payload: object) -> None:
+    """Raise ``InvalidRequest`` naming the first field of ``payload`` that ``schema`` rejects."""
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        schema.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        if first["type"] == "missing":
+            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param) from None
+        raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}.", param=param) from None

@@ -1,0 +1,1 @@
+"""Backend dialects: each provider translates between the OpenAI API and one backend."""

@@ -1,0 +1,64 @@
+"""ASGI responses for relayed bodies: whole JSON bytes, and SSE streams that stop with the client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from inference_core import sse
+from inference_core.engine import Stream
+from inference_core.errors import GatewayError, error_body
+
+log = logging.getLogger("inference_core")
+
+
+class JSONBytes(Response):
+    """Bytes that already are JSON (relayed or pre-serialised): no re-encoding."""
+
+    media_type = "application/json"
+
+
+class EventStreamResponse:
+    """Relays a ``Stream`` to the client frame by frame.
+
+    The client's disconnect is watched for by racing ``receive()`` against the relay, so the
+    backend connection is closed the moment the client leaves, even while no token is due.
+    A failure after the first byte becomes one in-band ``data: {"error": ...}`` event.
+    """
+
+    def __init__(self, stream: Stream, headers: dict[str, str]) -> None:
+        self.stream = stream
+        self.headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        self.headers += [(name.encode(), value.encode()) for name, value in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.ensure_future(self._relay(send))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            relay.cancel()
+            watch.cancel()
+            self.stream.close()
+        await asyncio.gather(relay, watch, return_exceptions=True)
+
+    async def _relay(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        try:
+            async for frame in self.stream.frames:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+        except GatewayError as exc:
+            await send({"type": "http.response.body", "body": sse.frame(exc.body()), "more_body": True})
+        except Exception:
+            log.exception("stream relay failed")
+            body = error_body("The gateway failed unexpectedly.", GatewayError.type)
+            await send({"type": "http.response.body", "body": sse.frame(body), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,480 @@
+"""The simulator's HTTP API: vLLM's or OpenAI's, chosen by ``SimulatorConfig.mode``.
+
+Faults are asked for per request with the ``x-sim-fault`` header, or for every request with
+``SimulatorConfig.fault``: comma-separated ``status=503``, ``retry_after=2``, ``delay=1.5``
+(seconds before answering), ``reset_after=3`` (drop the connection after 3 stream chunks),
+``malformed`` (invalid JSON), ``no_done`` (stream without ``[DONE]``), ``ttft=0.5``, ``itl=0.02``.
+``GET /_sim/stats`` tells what it saw; ``POST /_sim/reset`` forgets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from inference_core.simulator import generate
+
+#: Chat fields the OpenAI API knows; anything else is refused in ``openai`` mode, as OpenAI does.
+OPENAI_CHAT_FIELDS = frozenset(
+    {
+        "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+        "temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
+        "logit_bias", "logprobs", "top_logprobs", "user", "tools", "tool_choice",
+        "parallel_tool_calls", "response_format", "metadata", "store", "service_tier",
+        "reasoning_effort", "modalities", "audio", "prediction", "web_search_options", "functions",
+        "function_call", "verbosity", "prompt_cache_key", "safety_identifier",
+    }
+)  # fmt: skip
+OPENAI_COMPLETION_FIELDS = frozenset(
+    {
+        "model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "n",
+        "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user",
+        "echo", "suffix", "best_of",
+    }
+)  # fmt: skip
+OPENAI_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+GUIDED_KEYS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+@dataclass
+class SimulatorConfig:
+    mode: str = "vllm"
+    model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    lora: tuple[str, ...] = ()
+    vllm_version: str = "0.12.0"
+    ttft: float = 0.0
+    itl: float = 0.0
+    dimensions: int = 384
+    fault: str = ""
+
+
+@dataclass
+class Stats:
+    """What the simulator saw, for tests to assert on."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    streams_completed: int = 0
+    streams_aborted: int = 0
+    connections: set[str] = field(default_factory=set)
+    last_body: Any = None
+    last_headers: dict[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "requests": dict(self.requests),
+                "streams_completed": self.streams_completed,
+                "streams_aborted": self.streams_aborted,
+                "connections": len(self.connections),
+                "last_body": self.last_body,
+                "last_headers": self.last_headers,
+            }
+        )
+
+
+class SimulatedError(Exception):
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+
+
+def _faults(spec: str) -> dict[str, str]:
+    return dict(([*part.split("=", 1), ""])[:2] for part in spec.split(",") if part.strip())
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+
+class Simulator:
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.stats = Stats()
+        self.vllm = config.mode == "vllm"
+        self.honours_guided = self.vllm and _version(config.vllm_version) < (0, 12)
+
+    # Errors, in each backend's own shape.
+
+    def error(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> SimulatedError:
+        if self.vllm:
+            kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+            return SimulatedError(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
+        kind = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
+            status, "server_error"
+        )
+        return SimulatedError(status, {"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+    def models(self) -> list[str]:
+        return [self.config.model, *self.config.lora]
+
+    # The request path.
+
+    async def handle(self, request: Request) -> Response:
+        path = request.url.path
+        self.stats.requests[path] += 1
+        client = request.client
+        if client is not None:
+            self.stats.connections.add(f"{client.host}:{client.port}")
+        self.stats.last_headers = {k: v for k, v in request.headers.items() if k != "authorization"}
+        self.stats.last_headers["has_authorization"] = str("authorization" in request.headers).lower()
+        faults = _faults(self.config.fault) | _faults(request.headers.get("x-sim-fault", ""))
+        try:
+            if "delay" in faults:
+                await asyncio.sleep(float(faults["delay"]))
+            if "status" in faults:
+                status = int(faults["status"])
+                headers = {"retry-after": faults["retry_after"]} if "retry_after" in faults else {}
+                raise SimulatedError(status, self.error(status, f"Simulated failure {status}.").body, headers)
+            if "malformed" in faults:
+                return Response(b'{"id": "broken", "choices": [', media_type="application/json")
+            if request.method == "POST":
+                try:
+                    body = orjson.loads(await request.body())
+                except orjson.JSONDecodeError:
+                    raise self.error(400, "Invalid JSON body.") from None
+                self.stats.last_body = body
+                return await self.generate(path, body, faults)
+            return self.describe(path)
+        except SimulatedError as exc:
+            return _json(exc.body, exc.status, exc.headers)
+
+    def describe(self, path: str) -> Response:
+        if path == "/v1/models":
+            created = 1_700_000_000
+            data = [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "vllm" if self.vllm else "openai",
+                    **(
+                        {
+                            "root": self.config.model,
+                            "parent": None if name == self.config.model else self.config.model,
+                            "max_model_len": 4096,
+                        }
+                        if self.vllm
+                        else {}
+                    ),
+                }
+                for name in self.models()
+            ]
+            return _json({"object": "list", "data": data})
+        if path == "/version" and self.vllm:
+            return _json({"version": self.config.vllm_version})
+        if path == "/health":
+            return Response(b"")
+        if path == "/metrics":
+            return Response(
+                b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0\n",
+                media_type="text/plain",
+            )
+        raise self.error(404, "Not Found")
+
+    def _check(self, body: Any, known: frozenset[str]) -> None:
+        if not isinstance(body, dict):
+            raise self.error(400, "The body must be a JSON object.")
+        if not self.vllm:
+            for name in body:
+                if name not in known:
+                    raise self.error(400, f"Unrecognized request argument supplied: {name}")
+        model = body.get("model")
+        if model not in self.models():
+            raise self.error(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    async def generate(self, path: str, body: Any, faults: dict[str, str]) -> Response:
+        if path == "/v1/chat/completions":
+            self._check(body, OPENAI_CHAT_FIELDS)
+            if not isinstance(body.get("messages"), list) or not body["messages"]:
+                raise self.error(400, "'messages' is required.", param="messages")
+            return await self.complete(body, faults, chat=True)
+        if path == "/v1/completions":
+            self._check(body, OPENAI_COMPLETION_FIELDS)
+            if "prompt" not in body:
+                raise self.error(400, "'prompt' is required.", param="prompt")
+            return await self.complete(body, faults, chat=False)
+        if path == "/v1/embeddings":
+            self._check(body, OPENAI_EMBEDDING_FIELDS)
+            return self.embed(body)
+        raise self.error(404, "Not Found")
+
+    # Completions.
+
+    def _constraint(self, body: dict[str, Any]) -> tuple[str, Any] | None:
+        """The output constraint this backend would obey: (kind, spec)."""
+        structured = body.get("structured_outputs") if self.vllm else None
+        if self.honours_guided:
+            structured = {kind: body[name] for name, kind in GUIDED_KEYS.items() if body.get(name) is not None}
+        if isinstance(structured, dict):
+            for kind in ("json", "choice", "regex", "grammar"):
+                if structured.get(kind) is not None:
+                    spec = structured[kind]
+                    return kind, orjson.loads(spec) if kind == "json" and isinstance(spec, str) else spec
+        response_format = body.get("response_format")
+        if isinstance(response_format, dict):
+            if response_format.get("type") == "json_schema":
+                return "json", (response_format.get("json_schema") or {}).get("schema", {})
+            if response_format.get("type") == "json_object":
+                return "json", {"type": "object", "properties": {"answer": {"type": "string"}}}
+        return None
+
+    def _tool(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The tool to call, when the request forces one."""
+        tools = body.get("tools") or []
+        choice = body.get("tool_choice")
+        if not tools or choice in (None, "none", "auto"):
+            return None
+        if isinstance(choice, dict):
+            wanted = (choice.get("function") or {}).get("name")
+            return next((t for t in tools if (t.get("function") or {}).get("name") == wanted), None)
+        return tools[0]
+
+    def _choice(self, body: dict[str, Any], index: int, chat: bool) -> tuple[list[str], str, dict[str, Any] | None]:
+        """(content tokens, finish_reason, tool call) for choice ``index``."""
+        rng = generate.rng_for(body.get("messages") or body.get("prompt"), body.get("seed"), index)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        tool = self._tool(body) if chat else None
+        if tool is not None:
+            function = tool.get("function") or {}
+            arguments = generate.instance(function.get("parameters") or {}, rng)
+            call = {
+                "id": f"chatcmpl-tool-{uuid.UUID(int=rng.getrandbits(128)).hex[:16]}",
+                "type": "function",
+                "function": {"name": function.get("name", ""), "arguments": orjson.dumps(arguments).decode()},
+            }
+            return [], "tool_calls", call
+        constraint = self._constraint(body)
+        if constraint is not None:
+            kind, spec = constraint
+            if kind == "json":
+                text = orjson.dumps(generate.instance(spec, rng)).decode()
+            elif kind == "choice":
+                text = str(spec[rng.randrange(len(spec))]) if spec else ""
+            else:
+                text = generate.text_tokens(rng, 1)[0][0]
+            return [text[i : i + 4] for i in range(0, len(text), 4)] or [""], "stop", None
+        tokens, finish = generate.text_tokens(rng, int(limit))
+        return tokens, finish, None
+
+    def _logprobs(self, tokens: list[str], body: dict[str, Any], chat: bool) -> dict[str, Any] | None:
+        if chat:
+            if not body.get("logprobs"):
+                return None
+            top = int(body.get("top_logprobs") or 0)
+            return {
+                "content": [
+                    {
+                        "token": token,
+                        "logprob": -0.5,
+                        "bytes": list(token.encode()),
+                        "top_logprobs": [
+                            {"token": token, "logprob": -0.5, "bytes": list(token.encode())} for _ in range(top)
+                        ],
+                    }
+                    for token in tokens
+                ]
+            }
+        if body.get("logprobs") is None:
+            return None
+        return {
+            "tokens": tokens,
+            "token_logprobs": [-0.5] * len(tokens),
+            "top_logprobs": [{token: -0.5} for token in tokens],
+            "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))],
+        }
+
+    async def complete(self, body: dict[str, Any], faults: dict[str, str], *, chat: bool) -> Response:
+        n = int(body.get("n") or 1)
+        choices = [self._choice(body, index, chat) for index in range(n)]
+        prompt = body.get("messages") if chat else body.get("prompt")
+        prompt_tokens = max(1, len(orjson.dumps(prompt)) // 4)
+        completion_tokens = sum(max(1, len(tokens)) for tokens, _, _ in choices)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        model = body["model"]
+        if body.get("stream"):
+            events = self._events(ident, created, model, choices, usage, body, faults, chat=chat)
+            return StreamingResponse(events, media_type="text/event-stream")
+        out = []
+        for index, (tokens, finish, call) in enumerate(choices):
+            text = "".join(tokens)
+            if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": None if call else text}
+                if call:
+                    message["tool_calls"] = [call]
+                out.append(
+                    {
+                        "index": index,
+                        "message": message,
+                        "logprobs": self._logprobs(tokens, body, chat),
+                        "finish_reason": finish,
+                    }
+                )
+            else:
+                out.append(
+                    {
+                        "index": index,
+                        "text": text,
+                        "logprobs": self._logprobs(tokens, body, chat),
+                        "finish_reason": finish,
+                    }
+                )
+        await asyncio.sleep(float(faults.get("ttft", self.config.ttft)))
+        return _json(
+            {
+                "id": ident,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": created,
+                "model": model,
+                "choices": out,
+                "usage": usage,
+            }
+        )
+
+    async def _events(
+        self,
+        ident: str,
+        created: int,
+        model: str,
+        choices: list[tuple[list[str], str, dict[str, Any] | None]],
+        usage: dict[str, int],
+        body: dict[str, Any],
+        faults: dict[str, str],
+        *,
+        chat: bool,
+    ) -> AsyncIterator[bytes]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        ttft = float(faults.get("ttft", self.config.ttft))
+        itl = float(faults.get("itl", self.config.itl))
+        reset_after = int(faults["reset_after"]) if "reset_after" in faults else None
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        sent = 0
+
+        def event(choice_list: list[dict[str, Any]], **extra: Any) -> bytes:
+            data = {"id": ident, "object": kind, "created": created, "model": model, "choices": choice_list, **extra}
+            if include_usage:
+                data.setdefault("usage", None)
+            return b"data: " + orjson.dumps(data) + b"\n\n"
+
+        def piece(
+            index: int, token: str | None, finish: str | None, call: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
+            if not chat:
+                return {"index": index, "text": token or "", "logprobs": None, "finish_reason": finish}
+            delta: dict[str, Any] = {}
+            if token is not None:
+                delta["content"] = token
+            if call is not None:
+                delta["tool_calls"] = [{"index": 0, **call}]
+            out = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if token is not None and body.get("logprobs"):
+                out["logprobs"] = self._logprobs([token], body, chat)
+            return out
+
+        try:
+            await asyncio.sleep(ttft)
+            if chat:
+                yield event(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        for i in range(len(choices))
+                    ]
+                )
+            longest = max(len(tokens) for tokens, _, _ in choices)
+            for position in range(longest):
+                if position:
+                    await asyncio.sleep(itl)
+                if reset_after is not None and sent >= reset_after:
+                    raise ConnectionResetError("simulated connection reset")
+                for index, (tokens, _, _) in enumerate(choices):
+                    if position < len(tokens):
+                        yield event([piece(index, tokens[position], None)])
+                        sent += 1
+            for index, (_, finish, call) in enumerate(choices):
+                yield event([piece(index, None, finish, call)])
+            if include_usage:
+                yield event([], usage=usage)
+            if "no_done" not in faults:
+                yield b"data: [DONE]\n\n"
+            self.stats.streams_completed += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            self.stats.streams_aborted += 1
+            raise
+
+    # Embeddings.
+
+    def embed(self, body: dict[str, Any]) -> Response:
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            raise self.error(400, "'input' must be a string or a non-empty list.", param="input")
+        dimensions = int(body.get("dimensions") or self.config.dimensions)
+        base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, item in enumerate(inputs):
+            vector = generate.embedding(orjson.dumps(item).decode(), dimensions)
+            data.append(
+                {"object": "embedding", "index": index, "embedding": generate.as_base64(vector) if base64 else vector}
+            )
+        tokens = sum(max(1, len(orjson.dumps(item)) // 4) for item in inputs)
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    # Test hooks.
+
+    async def stats_view(self, request: Request) -> Response:
+        return Response(self.stats.as_json(), media_type="application/json")
+
+    async def reset(self, request: Request) -> Response:
+        self.stats = Stats()
+        return Response(b"{}", media_type="application/json")
+
+
+def create_simulator(config: SimulatorConfig | None = None) -> Starlette:
+    """The simulator as an ASGI app."""
+    simulator = Simulator(config or SimulatorConfig())
+    served = [
+        Route("/v1/chat/completions", simulator.handle, methods=["POST"]),
+        Route("/v1/completions", simulator.handle, methods=["POST"]),
+        Route("/v1/embeddings", simulator.handle, methods=["POST"]),
+        Route("/v1/models", simulator.handle, methods=["GET"]),
+        Route("/version", simulator.handle, methods=["GET"]),
+        Route("/health", simulator.handle, methods=["GET"]),
+        Route("/metrics", simulator.handle, methods=["GET"]),
+        Route("/_sim/stats", simulator.stats_view, methods=["GET"]),
+        Route("/_sim/reset", simulator.reset, methods=["POST"]),
+    ]
+    return Starlette(routes=served)

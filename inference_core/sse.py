@@ -1,0 +1,47 @@
+"""Server-sent events as OpenAI uses them: ``data: <json>\\n\\n`` frames ending in ``data: [DONE]``.
+
+The gateway relays upstream frames without parsing them; it only needs to cut the byte stream
+at frame boundaries (so an in-band error never lands inside a half-sent frame) and to notice a
+stream that stopped before ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from inference_core.errors import BadUpstreamResponse
+
+DONE = b"data: [DONE]\n\n"
+_SEPARATORS = (b"\n\n", b"\r\n\r\n")
+
+
+def frame(data: bytes) -> bytes:
+    """One event carrying ``data`` (a single-line JSON document)."""
+    return b"data: " + data + b"\n\n"
+
+
+def _last_boundary(buffer: bytes) -> int:
+    """Index just past the last complete frame in ``buffer``, or 0."""
+    return max(
+        (index + len(separator) for separator in _SEPARATORS if (index := buffer.rfind(separator)) >= 0),
+        default=0,
+    )
+
+
+async def whole_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Re-cut ``chunks`` so that every piece ends at a frame boundary.
+
+    Raises ``BadUpstreamResponse`` when the upstream ends without ``data: [DONE]``: a client
+    must never take a truncated answer for a complete one.
+    """
+    pending = b""
+    last = b""
+    async for chunk in chunks:
+        pending += chunk
+        cut = _last_boundary(pending)
+        if cut:
+            ready, pending = pending[:cut], pending[cut:]
+            last = ready
+            yield ready
+    if pending.strip() or not last.rstrip().endswith(b"[DONE]"):
+        raise BadUpstreamResponse("The backend's stream ended before it was complete.")
