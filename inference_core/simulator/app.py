@@ -1,6 +1,7 @@
 """The simulator's HTTP API: vLLM's or OpenAI's, chosen by ``SimulatorConfig.mode``.
 
-Faults are asked for per request with the ``x-sim-fault`` header, or for every request with
+Faults are asked for per request with the ``x-sim-fault`` header or a ``sim_fault`` body field
+(which passes through a gateway untouched), or for every request with
 ``SimulatorConfig.fault``: comma-separated ``status=503``, ``retry_after=2``, ``delay=1.5``
 (seconds before answering), ``reset_after=3`` (drop the connection after 3 stream chunks),
 ``malformed`` (invalid JSON), ``no_done`` (stream without ``[DONE]``), ``ttft=0.5``, ``itl=0.02``.
@@ -44,6 +45,9 @@ OPENAI_COMPLETION_FIELDS = frozenset(
     }
 )  # fmt: skip
 OPENAI_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+#: Fields vLLM adds to every completion; clients see them because the gateway relays bodies as sent.
+VLLM_EXTRAS = {"service_tier": None, "prompt_logprobs": None, "kv_transfer_params": None}
+FAULT_FIELD = "sim_fault"
 GUIDED_KEYS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
@@ -133,8 +137,18 @@ class Simulator:
             self.stats.connections.add(f"{client.host}:{client.port}")
         self.stats.last_headers = {k: v for k, v in request.headers.items() if k != "authorization"}
         self.stats.last_headers["has_authorization"] = str("authorization" in request.headers).lower()
-        faults = _faults(self.config.fault) | _faults(request.headers.get("x-sim-fault", ""))
         try:
+            body: Any = None
+            if request.method == "POST":
+                try:
+                    body = orjson.loads(await request.body())
+                except orjson.JSONDecodeError:
+                    raise self.error(400, "Invalid JSON body.") from None
+                self.stats.last_body = body
+            asked = request.headers.get("x-sim-fault", "")
+            if isinstance(body, dict) and isinstance(body.get(FAULT_FIELD), str):
+                asked = body.pop(FAULT_FIELD)
+            faults = _faults(self.config.fault) | _faults(asked)
             if "delay" in faults:
                 await asyncio.sleep(float(faults["delay"]))
             if "status" in faults:
@@ -144,11 +158,6 @@ class Simulator:
             if "malformed" in faults:
                 return Response(b'{"id": "broken", "choices": [', media_type="application/json")
             if request.method == "POST":
-                try:
-                    body = orjson.loads(await request.body())
-                except orjson.JSONDecodeError:
-                    raise self.error(400, "Invalid JSON body.") from None
-                self.stats.last_body = body
                 return await self.generate(path, body, faults)
             return self.describe(path)
         except SimulatedError as exc:
@@ -288,7 +297,8 @@ class Simulator:
                         ],
                     }
                     for token in tokens
-                ]
+                ],
+                "refusal": None,
             }
         if body.get("logprobs") is None:
             return None
@@ -320,9 +330,13 @@ class Simulator:
         for index, (tokens, finish, call) in enumerate(choices):
             text = "".join(tokens)
             if chat:
-                message: dict[str, Any] = {"role": "assistant", "content": None if call else text}
-                if call:
-                    message["tool_calls"] = [call]
+                message: dict[str, Any] = {
+                    "role": "assistant",
+                    "content": None if call else text,
+                    "refusal": None,
+                    "tool_calls": [call] if call else [],
+                    "reasoning_content": None,
+                }
                 out.append(
                     {
                         "index": index,
@@ -349,6 +363,7 @@ class Simulator:
                 "model": model,
                 "choices": out,
                 "usage": usage,
+                **(VLLM_EXTRAS if self.vllm else {}),
             }
         )
 

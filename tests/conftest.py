@@ -1,0 +1,90 @@
+"""Session-wide servers: a vLLM-mode simulator with a gateway in front, and the same for OpenAI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.openai_schemas import OpenAISchemas
+from tests.servers import Server, start_gateway, start_simulator
+
+MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+LORA = "sql-lora"
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def schemas() -> OpenAISchemas:
+    return OpenAISchemas()
+
+
+@pytest.fixture(scope="session")
+def simulator(log_dir: Path) -> Iterator[Server]:
+    server = start_simulator(log_dir, "--lora", LORA)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(log_dir: Path, simulator: Server) -> Iterator[Server]:
+    server = start_gateway(log_dir, simulator.url, api_key="sk-test-secret-4f9a")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_simulator(log_dir: Path) -> Iterator[Server]:
+    server = start_simulator(log_dir, "--mode", "openai", "--model", "gpt-4o")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_gateway(log_dir: Path, openai_simulator: Server) -> Iterator[Server]:
+    server = start_gateway(log_dir, openai_simulator.url, provider_type="openai", model="gpt-4o")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def spawn(log_dir: Path) -> Iterator[Callable[..., Server]]:
+    """Start extra gateways or simulators for one test; all are stopped after it."""
+    started: list[Server] = []
+
+    def run(kind: str, *args: str, **settings: str) -> Server:
+        server = start_simulator(log_dir, *args) if kind == "simulator" else start_gateway(log_dir, *args, **settings)
+        started.append(server)
+        return server
+
+    yield run
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def http(gateway: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def client(gateway: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as sdk:
+        yield sdk
+
+
+def sim_stats(simulator: Server) -> dict[str, Any]:
+    return httpx.get(simulator.url + "/_sim/stats").json()
+
+
+def chat_body(**extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8, **extra}

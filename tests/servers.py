@@ -1,0 +1,88 @@
+"""Real servers for the tests: the simulator and the gateway, each a subprocess on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+STARTUP_SECONDS = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running server process; ``output`` holds what it printed once it has stopped."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start(args: list[str], *, port: int, env: dict[str, str] | None, log_dir: Path, ready_path: str) -> Server:
+    """Run ``python -m ARGS`` and wait until ``ready_path`` answers."""
+    log_path = log_dir / f"server-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
+    full_env.update(env or {})
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.output}")
+        try:
+            httpx.get(server.url + ready_path, timeout=1.0)
+            return server
+        except httpx.TransportError:
+            time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"server did not start:\n{server.output}")
+
+
+def start_simulator(log_dir: Path, *args: str) -> Server:
+    port = free_port()
+    return start(
+        ["inference_core", "simulate", "--port", str(port), *args],
+        port=port,
+        env=None,
+        log_dir=log_dir,
+        ready_path="/health",
+    )
+
+
+def start_gateway(log_dir: Path, backend_url: str, **settings: str) -> Server:
+    """A gateway in front of ``backend_url``; ``settings`` are INFERENCE_* variables, lower-case."""
+    port = free_port()
+    env = {
+        "INFERENCE_BASE_URL": backend_url + "/v1",
+        "INFERENCE_MODEL": "meta-llama/Meta-Llama-3-8B-Instruct",
+        "INFERENCE_PORT": str(port),
+        "INFERENCE_HOST": "127.0.0.1",
+    }
+    env.update({f"INFERENCE_{name.upper()}": value for name, value in settings.items()})
+    return start(["inference_core"], port=port, env=env, log_dir=log_dir, ready_path="/health/live")
