@@ -37,7 +37,7 @@ from inference_core.providers.base import Endpoint, Provider
 from inference_core.providers.openai import OpenAIProvider
 from inference_core.providers.vllm import VLLMProvider
 from inference_core.responses import EventStreamResponse, JSONBytes
-from inference_core.upstream import Transport
+from inference_core.upstream import create_transport
 
 _SCHEMAS: dict[Endpoint, type[protocol._Open]] = {
     Endpoint.CHAT: protocol.ChatCompletionRequest,
@@ -197,7 +197,9 @@ def build_provider(settings: Settings) -> Provider:
 
 def create_app(settings: Settings) -> Starlette:
     """The gateway for ``settings``: the one place concrete classes are chosen and wired."""
-    transport = Transport(settings.upstream_root, max_connections=settings.max_connections, timeout=settings.timeout)
+    transport = create_transport(
+        settings.upstream_root, max_connections=settings.max_connections, timeout=settings.timeout
+    )
     engine = Engine(
         build_provider(settings),
         transport,

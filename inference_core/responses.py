@@ -42,7 +42,7 @@ class EventStreamResponse:
         finally:
             relay.cancel()
             watch.cancel()
-            self.stream.close()
+            await self.stream.aclose()
         await asyncio.gather(relay, watch, return_exceptions=True)
 
     async def _relay(self, send: Send) -> None:

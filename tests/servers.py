@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -43,20 +44,29 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start(args: list[str], *, port: int, env: dict[str, str] | None, log_dir: Path, ready_path: str) -> Server:
+def start(
+    args: list[str],
+    *,
+    port: int,
+    env: dict[str, str] | None,
+    log_dir: Path,
+    ready_path: str,
+    scheme: str = "http",
+    verify: ssl.SSLContext | bool = True,
+) -> Server:
     """Run ``python -m ARGS`` and wait until ``ready_path`` answers."""
     log_path = log_dir / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
     full_env.update(env or {})
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    server = Server(process, f"{scheme}://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.output}")
         try:
-            httpx.get(server.url + ready_path, timeout=1.0)
+            httpx.get(server.url + ready_path, timeout=1.0, verify=verify)
             return server
         except httpx.TransportError:
             time.sleep(0.05)
@@ -75,10 +85,11 @@ def start_simulator(log_dir: Path, *args: str) -> Server:
     )
 
 
-def start_gateway(log_dir: Path, backend_url: str, **settings: str) -> Server:
+def start_gateway(log_dir: Path, backend_url: str, env: dict[str, str] | None = None, **settings: str) -> Server:
     """A gateway in front of ``backend_url``; ``settings`` are INFERENCE_* variables, lower-case."""
     port = free_port()
     env = {
+        **(env or {}),
         "INFERENCE_BASE_URL": backend_url + "/v1",
         "INFERENCE_MODEL": "meta-llama/Meta-Llama-3-8B-Instruct",
         "INFERENCE_PORT": str(port),

@@ -52,8 +52,8 @@ class Stream:
     headers: dict[str, str]
     upstream: UpstreamResponse
 
-    def close(self) -> None:
-        self.upstream.close()
+    async def aclose(self) -> None:
+        await self.upstream.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +103,7 @@ class Engine:
             else:
                 self._discovered_at = time.monotonic()
 
-    async def _send(self, call: Call) -> tuple[UpstreamResponse, dict[str, str]]:
+    async def _send(self, call: Call, *, stream: bool) -> tuple[UpstreamResponse, dict[str, str]]:
         """Translate and send ``call``; raise the backend's error if it answered with one."""
         await self.discover()
         payload = call.payload
@@ -115,7 +115,7 @@ class Engine:
         if translation.changed or raw is None:
             raw = orjson.dumps(translation.payload)
         response = await self.transport.request(
-            "POST", call.endpoint.value, headers=self._headers(call.request_id), body=raw
+            "POST", call.endpoint.value, headers=self._headers(call.request_id), body=raw, stream=stream
         )
         if response.status >= 400:
             body = await response.read()
@@ -126,7 +126,7 @@ class Engine:
         return response, headers
 
     async def complete(self, call: Call) -> Reply:
-        response, headers = await self._send(call)
+        response, headers = await self._send(call, stream=False)
         body = await response.read()
         try:
             orjson.loads(body)
@@ -135,7 +135,7 @@ class Engine:
         return Reply(body, headers)
 
     async def stream(self, call: Call) -> Stream:
-        response, headers = await self._send(call)
+        response, headers = await self._send(call, stream=True)
         return Stream(sse.whole_frames(response.chunks()), headers, response)
 
     async def models(self, request_id: str) -> bytes:

@@ -71,6 +71,7 @@ class Stats:
     streams_completed: int = 0
     streams_aborted: int = 0
     connections: set[str] = field(default_factory=set)
+    http_versions: Counter[str] = field(default_factory=Counter)
     last_body: Any = None
     last_headers: dict[str, str] = field(default_factory=dict)
 
@@ -81,6 +82,7 @@ class Stats:
                 "streams_completed": self.streams_completed,
                 "streams_aborted": self.streams_aborted,
                 "connections": len(self.connections),
+                "http_versions": dict(self.http_versions),
                 "last_body": self.last_body,
                 "last_headers": self.last_headers,
             }
@@ -132,6 +134,7 @@ class Simulator:
     async def handle(self, request: Request) -> Response:
         path = request.url.path
         self.stats.requests[path] += 1
+        self.stats.http_versions[request.scope["http_version"]] += 1
         client = request.client
         if client is not None:
             self.stats.connections.add(f"{client.host}:{client.port}")

@@ -1,20 +1,15 @@
-"""The transport: pooled HTTP connections to the backend, and the one place aiohttp is imported.
-
-aiohttp's client was chosen by measurement (see ``bench/upstream_clients.py``): relaying through
-it costs a fraction of the CPU that httpx needs per request. Its exceptions are mapped to ours
-here, so nothing above this module knows which client library is in use.
-"""
+"""Keep-alive HTTP/1.1 to the backend with aiohttp, the one place aiohttp is imported."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
-from urllib.parse import urljoin
 
 import aiohttp
 
 from inference_core.errors import BackendTimeout, BackendUnreachable, BadUpstreamResponse
+from inference_core.upstream.base import Urls
 
 
 @contextmanager
@@ -30,9 +25,7 @@ def mapped_errors() -> Iterator[None]:
         raise BackendUnreachable("The backend could not be reached.") from exc
 
 
-class UpstreamResponse:
-    """A backend answer whose headers have arrived; the body is read or streamed on demand."""
-
+class AiohttpResponse:
     def __init__(self, response: aiohttp.ClientResponse, timeout: float) -> None:
         self._response = response
         self._timeout = timeout
@@ -45,39 +38,25 @@ class UpstreamResponse:
                 return await self._response.read()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive; each wait is bounded by the read timeout."""
         with mapped_errors():
             async for chunk in self._response.content.iter_any():
                 yield chunk
 
-    def close(self) -> None:
-        """Drop the connection, so the backend sees the client leave and stops generating."""
+    async def aclose(self) -> None:
+        # close(), not release(): an unfinished body must drop the connection, not drain it.
         self._response.close()
 
-    def release(self) -> None:
-        """Return a fully read connection to the pool."""
-        self._response.release()
 
-
-class Transport:
-    """Keep-alive connections to one backend API root."""
-
+class AiohttpTransport:
     def __init__(self, api_root: str, *, max_connections: int, timeout: float) -> None:
-        self._root = api_root.rstrip("/") + "/"
+        self.url = Urls(api_root)
         self._timeout = timeout
-        self._urls: dict[str, str] = {}
-        self._connector_limit = max_connections
+        self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
-
-    def url(self, path: str) -> str:
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = urljoin(self._root, path)
-        return url
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=self._connector_limit, limit_per_host=0, enable_cleanup_closed=True, ttl_dns_cache=300
+            limit=self._max_connections, limit_per_host=0, enable_cleanup_closed=True, ttl_dns_cache=300
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -98,11 +77,11 @@ class Transport:
         headers: Mapping[str, str],
         body: bytes | None = None,
         within: float | None = None,
-    ) -> UpstreamResponse:
-        """Send a request and wait for the answer's headers, within ``within`` seconds (default: the read timeout)."""
-        assert self._session is not None, "Transport.start() was not awaited"
+        stream: bool = False,
+    ) -> AiohttpResponse:
+        assert self._session is not None, "start() was not awaited"
         limit = self._timeout if within is None else within
         with mapped_errors():
             async with asyncio.timeout(limit):
                 response = await self._session.request(method, self.url(path), headers=headers, data=body)
-        return UpstreamResponse(response, limit)
+        return AiohttpResponse(response, limit)

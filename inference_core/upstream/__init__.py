@@ -1,0 +1,54 @@
+"""The transport: pooled connections to the backend, behind one small protocol.
+
+Plain ``http://`` backends (vLLM) get aiohttp over keep-alive HTTP/1.1: measured in
+``bench/upstream_clients.py``, it costs a fraction of httpx's CPU per request. ``https://``
+backends (OpenAI) get HTTP/2 through httpx for whole-body calls, negotiated by ALPN, so many
+requests share a few TLS connections. Streams to them still go over HTTP/1.1: httpcore cannot
+cancel one HTTP/2 stream (it sends no RST_STREAM), and a client that leaves must stop the
+backend's generation at once, which closing an HTTP/1.1 connection does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from inference_core.upstream.base import Transport, UpstreamResponse
+from inference_core.upstream.http1 import AiohttpTransport
+from inference_core.upstream.http2 import HttpxTransport
+
+
+class SplitTransport:
+    """HTTP/2 for whole bodies, HTTP/1.1 for streams, to one ``https://`` backend."""
+
+    def __init__(self, api_root: str, *, max_connections: int, timeout: float) -> None:
+        self._whole = HttpxTransport(api_root, max_connections=max_connections, timeout=timeout)
+        self._streams = AiohttpTransport(api_root, max_connections=max_connections, timeout=timeout)
+
+    async def start(self) -> None:
+        await self._whole.start()
+        await self._streams.start()
+
+    async def aclose(self) -> None:
+        await self._whole.aclose()
+        await self._streams.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        within: float | None = None,
+        stream: bool = False,
+    ) -> UpstreamResponse:
+        transport: Transport = self._streams if stream else self._whole
+        return await transport.request(method, path, headers=headers, body=body, within=within)
+
+
+def create_transport(api_root: str, *, max_connections: int, timeout: float) -> Transport:
+    kind = SplitTransport if api_root.startswith("https:") else AiohttpTransport
+    return kind(api_root, max_connections=max_connections, timeout=timeout)
+
+
+__all__ = ["Transport", "UpstreamResponse", "create_transport"]
