@@ -7,6 +7,7 @@ Routes only parse and check the request, hand a ``Call`` to the engine, and shap
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from starlette.routing import Route
 
 from inference_core import openapi, protocol
 from inference_core.config import ConfigError, ProviderType, Settings, load_settings
-from inference_core.engine import Call, Engine
+from inference_core.engine import Admission, Call, Engine, RateLimiter, RetryPolicy
 from inference_core.errors import (
     GatewayError,
     InvalidRequest,
@@ -36,7 +37,7 @@ from inference_core.observability import Metrics, RequestContext, configure_logg
 from inference_core.providers.base import Endpoint, Provider
 from inference_core.providers.openai import OpenAIProvider
 from inference_core.providers.vllm import VLLMProvider
-from inference_core.responses import EventStreamResponse, JSONBytes
+from inference_core.responses import EventStreamResponse, JSONBytes, unless_disconnected
 from inference_core.upstream import create_transport
 
 _SCHEMAS: dict[Endpoint, type[protocol._Open]] = {
@@ -76,11 +77,11 @@ class Routes:
     async def _forward(self, request: Request, endpoint: Endpoint) -> Response:
         payload, raw = await read_json(request, self.settings.max_body_bytes)
         protocol.check(_SCHEMAS[endpoint], payload)
-        call = Call(endpoint, payload, request_id_of(request.scope), raw)
+        call = Call(endpoint, payload, request_id_of(request.scope), raw, _priority(payload, request))
         if endpoint is not Endpoint.EMBEDDINGS and payload.get("stream"):
-            stream = await self.engine.stream(call)
-            return EventStreamResponse(stream, stream.headers)  # type: ignore[return-value]
-        reply = await self.engine.complete(call)
+            stream = await unless_disconnected(request.receive, self.engine.stream(call))
+            return EventStreamResponse(stream)  # type: ignore[return-value]
+        reply = await unless_disconnected(request.receive, self.engine.complete(call))
         return JSONBytes(reply.body, reply.status, reply.headers)
 
     async def chat(self, request: Request) -> Response:
@@ -97,19 +98,24 @@ class Routes:
         items, _ = await read_json(request, self.settings.max_body_bytes)
         if not isinstance(items, list):
             raise InvalidRequest("The request body must be a JSON list of chat completion requests.")
+        if len(items) > self.settings.max_batch_size:
+            raise InvalidRequest(f"A batch holds at most {self.settings.max_batch_size} requests.")
         request_id = request_id_of(request.scope)
-        results = await asyncio.gather(
-            *(self._batch_item(item, f"{request_id}-{index}") for index, item in enumerate(items))
+        default_priority = _priority({}, request)
+        answers = asyncio.gather(
+            *(self._batch_item(item, f"{request_id}-{i}", default_priority) for i, item in enumerate(items))
         )
+        results = await unless_disconnected(request.receive, answers)
         return JSONBytes(b'{"results":[' + b",".join(results) + b"]}")
 
-    async def _batch_item(self, item: object, request_id: str) -> bytes:
+    async def _batch_item(self, item: object, request_id: str, default_priority: int) -> bytes:
         try:
             protocol.check(protocol.ChatCompletionRequest, item)
             assert isinstance(item, dict)
             if item.get("stream"):
                 raise InvalidRequest("Streaming is not available in a batch.", param="stream")
-            return (await self.engine.complete(Call(Endpoint.CHAT, item, request_id))).body
+            priority = item.get("priority", default_priority)
+            return (await self.engine.complete(Call(Endpoint.CHAT, item, request_id, priority=priority))).body
         except GatewayError as exc:
             return exc.body()
 
@@ -173,9 +179,30 @@ class Routes:
         ]
 
 
+#: Client errors a retry cannot fix; the OpenAI SDK reads ``x-should-retry`` and gives up at once.
+_RETRYABLE_CLIENT_ERRORS = frozenset({408, 409, 429})
+
+
 def gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return JSONBytes(exc.body(), exc.status)
+    headers = exc.headers
+    if 400 <= exc.status < 500 and exc.status not in _RETRYABLE_CLIENT_ERRORS:
+        headers = {**headers, "x-should-retry": "false"}
+    return JSONBytes(exc.body(), exc.status, headers)
+
+
+def _priority(payload: dict[str, Any], request: Request) -> int:
+    """The body's ``priority`` (vLLM's convention: lower is sooner), else ``X-Priority``, else 0."""
+    value = payload.get("priority")
+    if value is not None:
+        return int(value)
+    header = request.headers.get("x-priority")
+    if header is None:
+        return 0
+    try:
+        return int(header)
+    except ValueError:
+        raise InvalidRequest("The X-Priority header must be an integer.", param="X-Priority") from None
 
 
 def http_error(request: Request, exc: Exception) -> Response:
@@ -195,18 +222,41 @@ def build_provider(settings: Settings) -> Provider:
     return VLLMProvider()
 
 
+def build_rate_limiter(settings: Settings) -> RateLimiter | None:
+    if not settings.rate_limit_rps:
+        return None
+    burst = settings.rate_limit_burst or math.ceil(settings.rate_limit_rps)
+    return RateLimiter(settings.rate_limit_rps, burst)
+
+
 def create_app(settings: Settings) -> Starlette:
     """The gateway for ``settings``: the one place concrete classes are chosen and wired."""
     transport = create_transport(
         settings.upstream_root, max_connections=settings.max_connections, timeout=settings.timeout
     )
+    metrics = Metrics()
+    rate_limiter = build_rate_limiter(settings)
     engine = Engine(
         build_provider(settings),
         transport,
         api_key=settings.api_key.get_secret_value(),
         default_model=settings.model,
+        timeout=settings.timeout,
+        admission=Admission(
+            max_in_flight=settings.max_concurrent_tasks,
+            queue_size=settings.queue_size,
+            queue_timeout=settings.queue_timeout,
+        ),
+        retry_policy=RetryPolicy(
+            max_retries=settings.max_retries,
+            base_delay=settings.retry_base_delay,
+            max_delay=settings.retry_max_delay,
+        ),
+        rate_limiter=rate_limiter,
+        on_retry=metrics.retried,
     )
-    metrics = Metrics()
+    if rate_limiter is not None:
+        metrics.rate_limit.set_function(lambda: rate_limiter.rate)
     routes = Routes(settings, engine, metrics)
 
     @asynccontextmanager

@@ -47,6 +47,22 @@ class Settings(BaseSettings):
         500, description="Requests in flight to the backend at once."
     )
     queue_size: Annotated[int, Field(ge=0)] = Field(10_000, description="Requests that may wait for a slot.")
+    queue_timeout: Annotated[float, Field(gt=0)] = Field(
+        30.0, description="Seconds a request may wait in the queue before a 503."
+    )
+    rate_limit_rps: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Requests per second sent upstream (0: no limit)."
+    )
+    rate_limit_burst: Annotated[int, Field(ge=0)] = Field(
+        0, description="Requests that may go upstream at once under the rate limit (0: one second's worth)."
+    )
+    retry_base_delay: Annotated[float, Field(ge=0)] = Field(
+        0.5, description="Seconds of backoff before the first retry; doubles each retry, with full jitter."
+    )
+    retry_max_delay: Annotated[float, Field(ge=0)] = Field(
+        8.0, description="Longest wait before a retry, including a backend's Retry-After."
+    )
+    max_batch_size: Annotated[int, Field(ge=1)] = Field(256, description="Most requests accepted in one batch call.")
     host: str = Field("0.0.0.0", description="Address the gateway listens on.")
     port: Annotated[int, Field(ge=0, le=65535)] = Field(8080, description="Port the gateway listens on.")
     drop_unsupported_params: bool = Field(

@@ -6,6 +6,10 @@
     ├── NotFound                      404: unknown route or model
     ├── MethodNotAllowed              405
     ├── PayloadTooLarge               413: body over INFERENCE_MAX_BODY_BYTES
+    ├── ClientDisconnected            499: the client left before its answer (never sent)
+    ├── Overloaded                    503 with Retry-After: the gateway cannot take more
+    │   ├── QueueFull                 the queue holds INFERENCE_QUEUE_SIZE requests already
+    │   └── QueueTimeout              waited longer than INFERENCE_QUEUE_TIMEOUT
     └── UpstreamError                 the backend failed us
         ├── BackendUnreachable        502: could not connect, or the connection broke
         ├── BadUpstreamResponse       502: the backend answered something unreadable
@@ -38,6 +42,8 @@ class GatewayError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        #: Response headers for the client (Retry-After, the engine's accounting).
+        self.headers: dict[str, str] = {}
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, param=self.param, code=self.code)
@@ -73,6 +79,30 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class ClientDisconnected(GatewayError):
+    status = 499
+    code = "client_disconnected"
+
+
+class Overloaded(GatewayError):
+    """The gateway is at capacity; the client should come back shortly."""
+
+    status = 503
+    retry_after_seconds = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers["retry-after"] = str(self.retry_after_seconds)
+
+
+class QueueFull(Overloaded):
+    code = "queue_full"
+
+
+class QueueTimeout(Overloaded):
+    code = "queue_timeout"
+
+
 class UpstreamError(GatewayError):
     """The backend could not give a usable answer."""
 
@@ -100,6 +130,8 @@ class UpstreamStatusError(UpstreamError):
         self.status = status
         self.payload = payload
         self.raw = raw
+        #: Seconds the backend asked us to wait (Retry-After), if it did.
+        self.retry_after: float | None = None
 
     def body(self) -> bytes:
         return self.raw if self.raw is not None else orjson.dumps({"error": self.payload})

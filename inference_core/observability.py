@@ -11,9 +11,10 @@ import re
 import time
 import uuid
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from inference_core.engine.retry import RetryEvent
 from inference_core.errors import GatewayError, error_body
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -45,6 +46,25 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=self.registry,
         )
+        self.retries = Counter(
+            "inference_core_upstream_retries",
+            "Upstream attempts retried, by reason (HTTP status, connect or timeout).",
+            ("reason",),
+            registry=self.registry,
+        )
+
+        self.rate_limit = Gauge(
+            "inference_core_rate_limit_rps",
+            "The adaptive upstream rate limit in force, in requests per second (0: no limit).",
+            registry=self.registry,
+        )
+
+    def retried(self, event: RetryEvent) -> None:
+        self.retries.labels(event.reason).inc()
+        log.info(
+            "retrying upstream call: request %s attempt %d reason %s in %.2fs",
+            event.request_id, event.attempt, event.reason, event.delay,
+        )  # fmt: skip
 
 
 def request_id_of(scope: Scope) -> str:

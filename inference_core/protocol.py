@@ -53,7 +53,9 @@ class _Sampling(_Open):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    priority: int | None = Field(None, description="vLLM scheduling priority: lower is served sooner.")
+    priority: int | None = Field(
+        None, description="Queue priority, lower is served sooner (also X-Priority); vLLM schedules by it too."
+    )
     structured_outputs: dict[str, Any] | None = None
     guided_json: JsonSchema | None = Field(None, description="Legacy vLLM spelling of structured_outputs.json.")
     guided_regex: str | None = None
@@ -87,6 +89,7 @@ class EmbeddingRequest(_Open):
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = None
     user: str | None = None
+    priority: int | None = Field(None, description="Queue priority: lower is served sooner.")
 
 
 # Responses (documentation only: bodies are relayed as the backend wrote them).

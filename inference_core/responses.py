@@ -4,15 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from inference_core import sse
 from inference_core.engine import Stream
-from inference_core.errors import GatewayError, error_body
+from inference_core.errors import ClientDisconnected, GatewayError, error_body
 
 log = logging.getLogger("inference_core")
+T = TypeVar("T")
+
+
+async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first (e.g. while queued).
+
+    Call only once the request body has been read: every message left is a disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientDisconnected("The client disconnected.")
+    return task.result()
 
 
 class JSONBytes(Response):
@@ -29,10 +50,10 @@ class EventStreamResponse:
     A failure after the first byte becomes one in-band ``data: {"error": ...}`` event.
     """
 
-    def __init__(self, stream: Stream, headers: dict[str, str]) -> None:
+    def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-        self.headers += [(name.encode(), value.encode()) for name, value in headers.items()]
+        self.headers += [(name.encode(), value.encode()) for name, value in stream.headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = asyncio.ensure_future(self._relay(send))

@@ -15,6 +15,8 @@ from tests.servers import Server, start_gateway, start_simulator
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 LORA = "sql-lora"
+#: Retries that keep failure tests quick; test_engine checks real backoff on its own gateways.
+FAST_RETRIES = {"retry_base_delay": "0.01", "retry_max_delay": "0.05"}
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +38,7 @@ def simulator(log_dir: Path) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def gateway(log_dir: Path, simulator: Server) -> Iterator[Server]:
-    server = start_gateway(log_dir, simulator.url, api_key="sk-test-secret-4f9a")
+    server = start_gateway(log_dir, simulator.url, api_key="sk-test-secret-4f9a", **FAST_RETRIES)
     yield server
     server.stop()
 
@@ -50,7 +52,7 @@ def openai_simulator(log_dir: Path) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def openai_gateway(log_dir: Path, openai_simulator: Server) -> Iterator[Server]:
-    server = start_gateway(log_dir, openai_simulator.url, provider_type="openai", model="gpt-4o")
+    server = start_gateway(log_dir, openai_simulator.url, provider_type="openai", model="gpt-4o", **FAST_RETRIES)
     yield server
     server.stop()
 
@@ -61,7 +63,10 @@ def spawn(log_dir: Path) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
     def run(kind: str, *args: str, **settings: str) -> Server:
-        server = start_simulator(log_dir, *args) if kind == "simulator" else start_gateway(log_dir, *args, **settings)
+        if kind == "simulator":
+            server = start_simulator(log_dir, *args)
+        else:
+            server = start_gateway(log_dir, *args, **(FAST_RETRIES | settings))
         started.append(server)
         return server
 

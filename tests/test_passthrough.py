@@ -50,4 +50,5 @@ def test_no_backend_identity_in_response_headers(http: httpx.Client, simulator: 
     response = http.post("/v1/chat/completions", json=chat_body())
     backend = simulator.url.removeprefix("http://")
     assert not any(backend in value for value in response.headers.values())
-    assert set(response.headers) <= {"date", "server", "content-length", "content-type", "x-request-id"}
+    ours = {"x-request-id", "x-inference-queue-ms", "x-inference-retries"}
+    assert set(response.headers) <= {"date", "server", "content-length", "content-type", *ours}

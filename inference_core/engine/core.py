@@ -1,28 +1,37 @@
-"""The request path below the routes: translate, send, and turn the backend's answer into ours.
+"""The request path below the routes: admit, limit, translate, send, retry.
 
 Routes hand the engine a ``Call``; it returns a ``Reply`` (a whole body) or a ``Stream`` (SSE
-frames). Failures are raised as ``GatewayError``s. Nothing here knows about HTTP frameworks,
-and nothing here knows a backend's quirks: those belong to the provider.
+frames). Failures are raised as ``GatewayError``s carrying the headers the client should see.
+Nothing here knows about HTTP frameworks, and nothing here knows a backend's quirks: those
+belong to the provider.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import orjson
 
 from inference_core import sse
-from inference_core.errors import BadUpstreamResponse, GatewayError, ModelNotFound
+from inference_core.engine import retry
+from inference_core.engine.admission import Admission
+from inference_core.engine.ratelimit import RateLimiter
+from inference_core.errors import BadUpstreamResponse, GatewayError, ModelNotFound, UpstreamStatusError
 from inference_core.providers.base import Endpoint, Payload, Provider
 from inference_core.upstream import Transport, UpstreamResponse
 
 DROPPED_PARAMS_HEADER = "x-inference-dropped-params"
+QUEUE_MS_HEADER = "x-inference-queue-ms"
+RETRIES_HEADER = "x-inference-retries"
 #: How long to wait before asking the backend who it is again, after it failed to say.
 DISCOVERY_RETRY_SECONDS = 30.0
 PROBE_TIMEOUT_SECONDS = 5.0
+
+log = logging.getLogger("inference_core.engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +42,7 @@ class Call:
     payload: Payload
     request_id: str
     raw: bytes | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,16 +54,21 @@ class Reply:
     status: int = 200
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stream:
-    """An answer still arriving: whole SSE frames, and a way to stop the backend early."""
+    """An answer still arriving: whole SSE frames; ``aclose`` stops the backend and frees the slot."""
 
     frames: AsyncIterator[bytes]
     headers: dict[str, str]
     upstream: UpstreamResponse
+    release: Callable[[], None]
+    closed: bool = False
 
     async def aclose(self) -> None:
-        await self.upstream.aclose()
+        if not self.closed:
+            self.closed = True
+            self.release()
+            await self.upstream.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,18 +77,46 @@ class Probe:
     latency_ms: float
 
 
+@dataclass(slots=True)
+class _Attempt:
+    """What one call went through, reported to the client in headers."""
+
+    queued: float = 0.0
+    retries: int = 0
+
+    def headers(self) -> dict[str, str]:
+        return {QUEUE_MS_HEADER: f"{self.queued * 1000:.1f}", RETRIES_HEADER: str(self.retries)}
+
+
 def _relayed_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     """The backend's headers a client may see: rate-limit hints, never server identities."""
     return {name: value for name, value in upstream.items() if name.lower().startswith("x-ratelimit-")}
 
 
 class Engine:
-    """Sends calls through one provider and transport."""
+    """Sends calls through one provider and transport, within the gateway's limits."""
 
-    def __init__(self, provider: Provider, transport: Transport, *, api_key: str, default_model: str) -> None:
+    def __init__(
+        self,
+        provider: Provider,
+        transport: Transport,
+        *,
+        api_key: str,
+        default_model: str,
+        timeout: float,
+        admission: Admission,
+        retry_policy: retry.RetryPolicy,
+        rate_limiter: RateLimiter | None = None,
+        on_retry: Callable[[retry.RetryEvent], None] | None = None,
+    ) -> None:
         self.provider = provider
         self.transport = transport
         self.default_model = default_model
+        self.timeout = timeout
+        self.admission = admission
+        self.retry_policy = retry_policy
+        self.rate_limiter = rate_limiter
+        self.on_retry = on_retry
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._discovery_lock = asyncio.Lock()
         self._discovered_at: float | None = None
@@ -103,8 +146,69 @@ class Engine:
             else:
                 self._discovered_at = time.monotonic()
 
-    async def _send(self, call: Call, *, stream: bool) -> tuple[UpstreamResponse, dict[str, str]]:
-        """Translate and send ``call``; raise the backend's error if it answered with one."""
+    # One call, start to end.
+
+    async def complete(self, call: Call) -> Reply:
+        attempt = _Attempt()
+        attempt.queued = await self.admission.acquire(call.priority)
+        try:
+            _, headers, body = await self._with_retries(call, attempt, stream=False)
+        except GatewayError as error:
+            error.headers.update(attempt.headers())
+            raise
+        finally:
+            self.admission.release()
+        assert body is not None
+        return Reply(body, headers | attempt.headers())
+
+    async def stream(self, call: Call) -> Stream:
+        """Start a stream; its slot is held until ``Stream.aclose``."""
+        attempt = _Attempt()
+        attempt.queued = await self.admission.acquire(call.priority)
+        try:
+            response, headers, _ = await self._with_retries(call, attempt, stream=True)
+        except BaseException as error:
+            self.admission.release()
+            if isinstance(error, GatewayError):
+                error.headers.update(attempt.headers())
+            raise
+        frames = sse.whole_frames(response.chunks())
+        return Stream(frames, headers | attempt.headers(), response, self.admission.release)
+
+    async def _with_retries(
+        self, call: Call, attempt: _Attempt, *, stream: bool
+    ) -> tuple[UpstreamResponse, dict[str, str], bytes | None]:
+        """Send until an attempt succeeds, the error is not worth retrying, or time runs out."""
+        deadline = time.monotonic() + self.timeout
+        policy = self.retry_policy
+        while True:
+            if self.rate_limiter is not None:
+                await self.rate_limiter.acquire(within=deadline - time.monotonic())
+            try:
+                result = await self._attempt(call, deadline - time.monotonic(), stream=stream)
+            except GatewayError as error:
+                why = retry.reason(error)
+                asked = error.retry_after if isinstance(error, UpstreamStatusError) else None
+                if why == "429" and self.rate_limiter is not None:
+                    self.rate_limiter.throttled(asked)
+                if why is None or attempt.retries >= policy.max_retries:
+                    raise
+                delay = policy.delay(attempt.retries, asked)
+                if time.monotonic() + delay >= deadline:
+                    raise
+                if self.on_retry is not None:
+                    self.on_retry(retry.RetryEvent(call.request_id, attempt.retries + 1, why, delay))
+                await asyncio.sleep(delay)
+                attempt.retries += 1
+            else:
+                if self.rate_limiter is not None:
+                    self.rate_limiter.succeeded()
+                return result
+
+    async def _attempt(
+        self, call: Call, within: float, *, stream: bool
+    ) -> tuple[UpstreamResponse, dict[str, str], bytes | None]:
+        """One upstream attempt: translate, send, and (unless streaming) read and check the body."""
         await self.discover()
         payload = call.payload
         raw = call.raw
@@ -115,34 +219,41 @@ class Engine:
         if translation.changed or raw is None:
             raw = orjson.dumps(translation.payload)
         response = await self.transport.request(
-            "POST", call.endpoint.value, headers=self._headers(call.request_id), body=raw, stream=stream
+            "POST",
+            call.endpoint.value,
+            headers=self._headers(call.request_id),
+            body=raw,
+            within=within,
+            stream=stream,
         )
         if response.status >= 400:
-            body = await response.read()
-            raise self.provider.classify_error(response.status, body)
+            raise self._upstream_error(response, await response.read())
         headers = _relayed_headers(response.headers)
         if translation.dropped:
             headers[DROPPED_PARAMS_HEADER] = ",".join(translation.dropped)
-        return response, headers
-
-    async def complete(self, call: Call) -> Reply:
-        response, headers = await self._send(call, stream=False)
+        if stream:
+            return response, headers, None
         body = await response.read()
         try:
             orjson.loads(body)
         except orjson.JSONDecodeError:
             raise BadUpstreamResponse("The backend answered with malformed JSON.") from None
-        return Reply(body, headers)
+        return response, headers, body
 
-    async def stream(self, call: Call) -> Stream:
-        response, headers = await self._send(call, stream=True)
-        return Stream(sse.whole_frames(response.chunks()), headers, response)
+    def _upstream_error(self, response: UpstreamResponse, body: bytes) -> UpstreamStatusError:
+        error = self.provider.classify_error(response.status, body)
+        error.retry_after = retry.retry_after(response.headers)
+        if "retry-after" in response.headers:
+            error.headers["retry-after"] = response.headers["retry-after"]
+        return error
+
+    # Side doors: models and health, outside the queue.
 
     async def models(self, request_id: str) -> bytes:
         response = await self.transport.request("GET", "models", headers={**self._auth, "X-Request-Id": request_id})
         body = await response.read()
         if response.status >= 400:
-            raise self.provider.classify_error(response.status, body)
+            raise self._upstream_error(response, body)
         return body
 
     async def model(self, model_id: str, request_id: str) -> bytes:
@@ -157,7 +268,7 @@ class Engine:
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
 
     async def probe(self) -> Probe:
-        """Is the backend answering? Used by the readiness check."""
+        """Is the backend answering? Used by the health checks."""
         started = time.perf_counter()
         try:
             response = await self.transport.request(

@@ -4,7 +4,8 @@ Faults are asked for per request with the ``x-sim-fault`` header or a ``sim_faul
 (which passes through a gateway untouched), or for every request with
 ``SimulatorConfig.fault``: comma-separated ``status=503``, ``retry_after=2``, ``delay=1.5``
 (seconds before answering), ``reset_after=3`` (drop the connection after 3 stream chunks),
-``malformed`` (invalid JSON), ``no_done`` (stream without ``[DONE]``), ``ttft=0.5``, ``itl=0.02``.
+``malformed`` (invalid JSON), ``no_done`` (stream without ``[DONE]``), ``ttft=0.5``, ``itl=0.02``,
+and ``times=N`` (only the first N requests asking for this exact fault string get it).
 ``GET /_sim/stats`` tells what it saw; ``POST /_sim/reset`` forgets it.
 """
 
@@ -72,6 +73,8 @@ class Stats:
     streams_aborted: int = 0
     connections: set[str] = field(default_factory=set)
     http_versions: Counter[str] = field(default_factory=Counter)
+    request_ids: list[str] = field(default_factory=list)
+    faults_served: Counter[str] = field(default_factory=Counter)
     last_body: Any = None
     last_headers: dict[str, str] = field(default_factory=dict)
 
@@ -83,6 +86,7 @@ class Stats:
                 "streams_aborted": self.streams_aborted,
                 "connections": len(self.connections),
                 "http_versions": dict(self.http_versions),
+                "request_ids": self.request_ids[-1000:],
                 "last_body": self.last_body,
                 "last_headers": self.last_headers,
             }
@@ -135,6 +139,8 @@ class Simulator:
         path = request.url.path
         self.stats.requests[path] += 1
         self.stats.http_versions[request.scope["http_version"]] += 1
+        if "x-request-id" in request.headers:
+            self.stats.request_ids.append(request.headers["x-request-id"])
         client = request.client
         if client is not None:
             self.stats.connections.add(f"{client.host}:{client.port}")
@@ -154,6 +160,11 @@ class Simulator:
             faults = _faults(self.config.fault) | _faults(asked)
             if "delay" in faults:
                 await asyncio.sleep(float(faults["delay"]))
+            if "times" in faults:
+                # Only the first N requests asking for this exact fault get it (then: success).
+                self.stats.faults_served[asked] += 1
+                if self.stats.faults_served[asked] > int(faults["times"]):
+                    faults = {}
             if "status" in faults:
                 status = int(faults["status"])
                 headers = {"retry-after": faults["retry_after"]} if "retry_after" in faults else {}
