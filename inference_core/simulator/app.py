@@ -292,7 +292,7 @@ class Simulator:
             else:
                 text = generate.text_tokens(rng, 1)[0][0]
             return [text[i : i + 4] for i in range(0, len(text), 4)] or [""], "stop", None
-        tokens, finish = generate.text_tokens(rng, int(limit))
+        tokens, finish = generate.text_tokens(rng, int(limit), to_limit=bool(body.get("ignore_eos")))
         return tokens, finish, None
 
     def _logprobs(self, tokens: list[str], body: dict[str, Any], chat: bool) -> dict[str, Any] | None:

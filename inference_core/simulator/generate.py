@@ -52,9 +52,12 @@ def rng_for(*parts: object) -> random.Random:
     return random.Random(int.from_bytes(digest, "big"))
 
 
-def text_tokens(rng: random.Random, limit: int) -> tuple[list[str], str]:
-    """Up to ``limit`` word tokens (with leading spaces) and the finish reason."""
-    natural = rng.randint(8, 24)
+def text_tokens(rng: random.Random, limit: int, *, to_limit: bool = False) -> tuple[list[str], str]:
+    """Up to ``limit`` word tokens (with leading spaces) and the finish reason.
+
+    ``to_limit`` (vLLM's ``ignore_eos``) generates exactly ``limit`` tokens.
+    """
+    natural = limit + 1 if to_limit else rng.randint(8, 24)
     count = min(natural, limit)
     tokens = [(" " if i else "") + rng.choice(VOCABULARY) for i in range(count)]
     return tokens, "length" if natural > limit else "stop"
