@@ -183,7 +183,8 @@ class Engine:
         policy = self.retry_policy
         while True:
             if self.rate_limiter is not None:
-                await self.rate_limiter.acquire(within=deadline - time.monotonic())
+                # Waiting for the rate limit is waiting in line: it counts as queue time.
+                attempt.queued += await self.rate_limiter.acquire(within=deadline - time.monotonic())
             try:
                 result = await self._attempt(call, deadline - time.monotonic(), stream=stream)
             except GatewayError as error:

@@ -42,11 +42,12 @@ class RateLimiter:
         self._tat = tat + 1 / self.rate
         return delay
 
-    async def acquire(self, *, within: float) -> None:
-        """Wait for a send slot, at most ``within`` seconds."""
+    async def acquire(self, *, within: float) -> float:
+        """Wait for a send slot, at most ``within`` seconds; returns the seconds waited."""
         delay = self.reserve(within=within)
         if delay > 0:
             await asyncio.sleep(delay)
+        return delay
 
     def throttled(self, retry_after: float | None) -> None:
         """The backend said 429: slow down, and stop everyone for ``retry_after`` seconds."""
