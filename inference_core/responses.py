@@ -21,19 +21,28 @@ T = TypeVar("T")
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it if the client disconnects first (e.g. while queued).
 
-    Call only once the request body has been read: every message left is a disconnect.
+    One watcher task races ``receive()``; ``work`` runs inline. Call only once the request
+    body has been read: every message left is a disconnect.
     """
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(receive))
+    current = asyncio.current_task()
+    assert current is not None
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        await _disconnected(receive)
+        left = True
+        current.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if left and current.uncancel() == 0:
+            raise ClientDisconnected("The client disconnected.") from None
+        raise
     finally:
-        watch.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise ClientDisconnected("The client disconnected.")
-    return task.result()
+        watcher.cancel()
 
 
 class JSONBytes(Response):
