@@ -26,18 +26,20 @@ from inference_core import openapi, protocol
 from inference_core.config import ConfigError, ProviderType, Settings, load_settings
 from inference_core.engine import Admission, Call, Engine, RateLimiter, RetryPolicy
 from inference_core.errors import (
+    ClientDisconnected,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
-    error_body,
 )
-from inference_core.observability import Metrics, RequestContext, configure_logging, request_id_of
+from inference_core.health import HealthMonitor
+from inference_core.observability import Metrics, RequestContext, configure_logging, record_of
 from inference_core.providers.base import Endpoint, Provider
 from inference_core.providers.openai import OpenAIProvider
 from inference_core.providers.vllm import VLLMProvider
 from inference_core.responses import EventStreamResponse, JSONBytes, unless_disconnected
+from inference_core.tracing import Tracer, tracer_from_environment
 from inference_core.upstream import create_transport
 
 _SCHEMAS: dict[Endpoint, type[protocol._Open]] = {
@@ -69,18 +71,23 @@ async def read_json(request: Request, limit: int) -> tuple[Any, bytes]:
 class Routes:
     """The endpoints, bound to one engine."""
 
-    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics, health: HealthMonitor) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
+        self.health_monitor = health
 
     async def _forward(self, request: Request, endpoint: Endpoint) -> Response:
         payload, raw = await read_json(request, self.settings.max_body_bytes)
         protocol.check(_SCHEMAS[endpoint], payload)
-        call = Call(endpoint, payload, request_id_of(request.scope), raw, _priority(payload, request))
+        record = record_of(request.scope)
+        call = Call(endpoint, payload, record.request_id, raw, _priority(payload, request))
+        record.model = payload.get("model") or self.settings.model
+        record.outcome = call.outcome
         if endpoint is not Endpoint.EMBEDDINGS and payload.get("stream"):
+            record.stream = True
             stream = await unless_disconnected(request.receive, self.engine.stream(call))
-            return EventStreamResponse(stream)  # type: ignore[return-value]
+            return EventStreamResponse(stream, record, self.metrics)  # type: ignore[return-value]
         reply = await unless_disconnected(request.receive, self.engine.complete(call))
         return JSONBytes(reply.body, reply.status, reply.headers)
 
@@ -100,7 +107,7 @@ class Routes:
             raise InvalidRequest("The request body must be a JSON list of chat completion requests.")
         if len(items) > self.settings.max_batch_size:
             raise InvalidRequest(f"A batch holds at most {self.settings.max_batch_size} requests.")
-        request_id = request_id_of(request.scope)
+        request_id = record_of(request.scope).request_id
         default_priority = _priority({}, request)
         answers = asyncio.gather(
             *(self._batch_item(item, f"{request_id}-{i}", default_priority) for i, item in enumerate(items))
@@ -120,38 +127,23 @@ class Routes:
             return exc.body()
 
     async def models(self, request: Request) -> Response:
-        return JSONBytes(await self.engine.models(request_id_of(request.scope)))
+        return JSONBytes(await self.engine.models(record_of(request.scope).request_id))
 
     async def model(self, request: Request) -> Response:
         model_id = request.path_params["model_id"]
-        return JSONBytes(await self.engine.model(model_id, request_id_of(request.scope)))
+        return JSONBytes(await self.engine.model(model_id, record_of(request.scope).request_id))
 
     async def health(self, request: Request) -> Response:
-        probe = await self.engine.probe()
-        provider = self.engine.provider
-        return JSONBytes(
-            orjson.dumps(
-                {
-                    "status": "ok" if probe.ok else "degraded",
-                    "provider": provider.name,
-                    "model": self.settings.model,
-                    "backend": {
-                        "reachable": probe.ok,
-                        "latency_ms": round(probe.latency_ms, 2),
-                        "version": getattr(provider, "version", None),
-                    },
-                }
-            )
-        )
+        return JSONBytes(orjson.dumps(self.health_monitor.report()))
 
     async def live(self, request: Request) -> Response:
         return JSONBytes(b'{"status":"ok"}')
 
     async def ready(self, request: Request) -> Response:
-        probe = await self.engine.probe()
-        if probe.ok:
-            return JSONBytes(b'{"status":"ready"}')
-        return JSONBytes(b'{"status":"unavailable","reason":"backend unreachable"}', 503)
+        ok, reason = self.health_monitor.ready()
+        return JSONBytes(
+            orjson.dumps({"status": "ready" if ok else "unavailable", "reason": reason}), 200 if ok else 503
+        )
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), headers={"content-type": CONTENT_TYPE_LATEST})
@@ -185,6 +177,9 @@ _RETRYABLE_CLIENT_ERRORS = frozenset({408, 409, 429})
 
 def gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
+    record = record_of(request.scope)
+    record.error = exc.code or exc.type
+    record.client_left = isinstance(exc, ClientDisconnected)
     headers = exc.headers
     if 400 <= exc.status < 500 and exc.status not in _RETRYABLE_CLIENT_ERRORS:
         headers = {**headers, "x-should-retry": "false"}
@@ -229,24 +224,29 @@ def build_rate_limiter(settings: Settings) -> RateLimiter | None:
     return RateLimiter(settings.rate_limit_rps, burst)
 
 
-def create_app(settings: Settings) -> Starlette:
-    """The gateway for ``settings``: the one place concrete classes are chosen and wired."""
+def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Starlette:
+    """The gateway for ``settings``: the one place concrete classes are chosen and wired.
+
+    ``tracer`` defaults to what the ``OTEL_*`` variables ask for (usually: no tracing).
+    """
+    tracer = tracer_from_environment() if tracer is None else tracer
     transport = create_transport(
         settings.upstream_root, max_connections=settings.max_connections, timeout=settings.timeout
     )
-    metrics = Metrics()
+    metrics = Metrics(configured_model=settings.model)
     rate_limiter = build_rate_limiter(settings)
+    admission = Admission(
+        max_in_flight=settings.max_concurrent_tasks,
+        queue_size=settings.queue_size,
+        queue_timeout=settings.queue_timeout,
+    )
     engine = Engine(
         build_provider(settings),
         transport,
         api_key=settings.api_key.get_secret_value(),
         default_model=settings.model,
         timeout=settings.timeout,
-        admission=Admission(
-            max_in_flight=settings.max_concurrent_tasks,
-            queue_size=settings.queue_size,
-            queue_timeout=settings.queue_timeout,
-        ),
+        admission=admission,
         retry_policy=RetryPolicy(
             max_retries=settings.max_retries,
             base_delay=settings.retry_base_delay,
@@ -254,21 +254,23 @@ def create_app(settings: Settings) -> Starlette:
         ),
         rate_limiter=rate_limiter,
         on_retry=metrics.retried,
+        tracer=tracer,
     )
-    if rate_limiter is not None:
-        metrics.rate_limit.set_function(lambda: rate_limiter.rate)
-    routes = Routes(settings, engine, metrics)
+    metrics.watch(admission, (lambda: rate_limiter.rate) if rate_limiter is not None else None)
+    health = HealthMonitor(engine, metrics, interval=settings.probe_interval, shutdown_grace=settings.shutdown_grace)
+    routes = Routes(settings, engine, metrics, health)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await transport.start()
-        await engine.discover()
+        await health.start()
         yield
+        await health.stop()
         await transport.aclose()
 
     return Starlette(
         routes=routes.table(),
-        middleware=[Middleware(RequestContext, metrics=metrics)],
+        middleware=[Middleware(RequestContext, metrics=metrics, tracer=tracer)],
         exception_handlers={GatewayError: gateway_error, HTTPException: http_error},
         lifespan=lifespan,
     )
@@ -283,10 +285,10 @@ def __getattr__(name: str) -> Starlette:
     except ConfigError as exc:
         print(f"inference-core: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     application = create_app(settings)
     globals()["app"] = application
     return application
 
 
-__all__ = ["create_app", "error_body"]
+__all__ = ["create_app"]

@@ -7,6 +7,7 @@ environment.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -71,15 +72,19 @@ def serve(argv: Sequence[str]) -> None:
     except ConfigError as exc:
         print(f"inference-core: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    # uvicorn re-raises SIGTERM once it has shut down gracefully: exit 0 for it, as orchestrators expect.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.value,
+        log_config=None,
         access_log=False,
         loop="uvloop",
         http="httptools",
+        timeout_graceful_shutdown=1,
     )
 
 

@@ -27,6 +27,11 @@ class LogLevel(StrEnum):
     ERROR = "error"
 
 
+class LogFormat(StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
 class Settings(BaseSettings):
     """The gateway's configuration; each field is also the ``INFERENCE_<NAME>`` variable."""
 
@@ -72,6 +77,13 @@ class Settings(BaseSettings):
         20 * 1024 * 1024, description="Largest request body accepted, in bytes."
     )
     log_level: LogLevel = Field(LogLevel.INFO, description="debug, info, warning or error.")
+    log_format: LogFormat = Field(LogFormat.JSON, description="json (one object per line) or text.")
+    probe_interval: Annotated[float, Field(gt=0)] = Field(
+        5.0, description="Seconds between background health probes of the backend."
+    )
+    shutdown_grace: Annotated[float, Field(ge=0)] = Field(
+        30.0, description="Seconds in-flight requests may take to finish after SIGTERM."
+    )
 
     @property
     def upstream_root(self) -> str:

@@ -9,7 +9,8 @@
     ├── ClientDisconnected            499: the client left before its answer (never sent)
     ├── Overloaded                    503 with Retry-After: the gateway cannot take more
     │   ├── QueueFull                 the queue holds INFERENCE_QUEUE_SIZE requests already
-    │   └── QueueTimeout              waited longer than INFERENCE_QUEUE_TIMEOUT
+    │   ├── QueueTimeout              waited longer than INFERENCE_QUEUE_TIMEOUT
+    │   └── Draining                  shutting down: no new work
     └── UpstreamError                 the backend failed us
         ├── BackendUnreachable        502: could not connect, or the connection broke
         ├── BadUpstreamResponse       502: the backend answered something unreadable
@@ -101,6 +102,10 @@ class QueueFull(Overloaded):
 
 class QueueTimeout(Overloaded):
     code = "queue_timeout"
+
+
+class Draining(Overloaded):
+    code = "draining"
 
 
 class UpstreamError(GatewayError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -13,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 from inference_core import sse
 from inference_core.engine import Stream
 from inference_core.errors import ClientDisconnected, GatewayError, error_body
+from inference_core.observability import Metrics, RequestRecord
 
 log = logging.getLogger("inference_core")
 T = TypeVar("T")
@@ -59,8 +61,10 @@ class EventStreamResponse:
     A failure after the first byte becomes one in-band ``data: {"error": ...}`` event.
     """
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, record: RequestRecord, metrics: Metrics) -> None:
         self.stream = stream
+        self.record = record
+        self.metrics = metrics
         self.headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         self.headers += [(name.encode(), value.encode()) for name, value in stream.headers.items()]
 
@@ -69,6 +73,7 @@ class EventStreamResponse:
         watch = asyncio.ensure_future(_disconnected(receive))
         try:
             await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
+            self.record.client_left = not relay.done()
         finally:
             relay.cancel()
             watch.cancel()
@@ -76,14 +81,21 @@ class EventStreamResponse:
         await asyncio.gather(relay, watch, return_exceptions=True)
 
     async def _relay(self, send: Send) -> None:
+        record = self.record
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         try:
             async for frame in self.stream.frames:
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
+                record.event_sent(time.perf_counter(), self.metrics)
+                found = sse.usage(frame)
+                if found is not None and record.outcome is not None:
+                    record.outcome.count_usage(found)
         except GatewayError as exc:
+            record.error = exc.code
             await send({"type": "http.response.body", "body": sse.frame(exc.body()), "more_body": True})
         except Exception:
             log.exception("stream relay failed")
+            record.error = "internal"
             body = error_body("The gateway failed unexpectedly.", GatewayError.type)
             await send({"type": "http.response.body", "body": sse.frame(body), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

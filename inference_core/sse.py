@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import orjson
+
 from inference_core.errors import BadUpstreamResponse
 
 DONE = b"data: [DONE]\n\n"
@@ -18,6 +20,25 @@ _SEPARATORS = (b"\n\n", b"\r\n\r\n")
 def frame(data: bytes) -> bytes:
     """One event carrying ``data`` (a single-line JSON document)."""
     return b"data: " + data + b"\n\n"
+
+
+def usage(frames: bytes) -> object:
+    """The ``usage`` object of the event in ``frames`` that carries one (the stream's last), if any.
+
+    Only frames that contain a non-null usage are parsed, so a stream costs nothing extra
+    unless the client asked for ``stream_options.include_usage``.
+    """
+    if b'"usage":{' not in frames and b'"usage": {' not in frames:
+        return None
+    for event in reversed(frames.split(b"\n\n")):
+        if event.startswith(b"data: {") and b'"usage"' in event:
+            try:
+                found = orjson.loads(event[6:]).get("usage")
+            except (orjson.JSONDecodeError, AttributeError):
+                return None
+            if found:
+                return found
+    return None
 
 
 def _last_boundary(buffer: bytes) -> int:

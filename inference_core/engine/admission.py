@@ -12,7 +12,7 @@ import heapq
 import itertools
 import time
 
-from inference_core.errors import QueueFull, QueueTimeout
+from inference_core.errors import Draining, QueueFull, QueueTimeout
 
 
 class Admission:
@@ -22,11 +22,25 @@ class Admission:
         self.queue_timeout = queue_timeout
         self.in_flight = 0
         self.waiting = 0
+        self.closed = False
+        self._idle: asyncio.Event | None = None
         self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
 
+    def close(self) -> None:
+        """Admit nothing new (the gateway is draining); those already queued are still served."""
+        self.closed = True
+
+    async def idle(self) -> None:
+        """Wait until nothing is in flight or queued."""
+        self._idle = asyncio.Event()
+        if self.in_flight or self.waiting:
+            await self._idle.wait()
+
     async def acquire(self, priority: int = 0) -> float:
         """Take a slot, waiting for one if need be; returns the seconds spent queued."""
+        if self.closed:
+            raise Draining("The gateway is shutting down; retry on another instance.")
         if self.in_flight < self.max_in_flight and not self.waiting:
             self.in_flight += 1
             return 0.0
@@ -60,6 +74,8 @@ class Admission:
                 granted.set_result(None)
                 return
         self.in_flight -= 1
+        if self._idle is not None and not self.in_flight:
+            self._idle.set()
 
     def _compact(self) -> None:
         """Drop abandoned entries once they outnumber the live ones, to bound memory."""

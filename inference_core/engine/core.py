@@ -9,7 +9,6 @@ belong to the provider.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from inference_core.engine.admission import Admission
 from inference_core.engine.ratelimit import RateLimiter
 from inference_core.errors import BadUpstreamResponse, GatewayError, ModelNotFound, UpstreamStatusError
 from inference_core.providers.base import Endpoint, Payload, Provider
+from inference_core.tracing import NO_TRACER, AttributeValue, Span, Tracer
 from inference_core.upstream import Transport, UpstreamResponse
 
 DROPPED_PARAMS_HEADER = "x-inference-dropped-params"
@@ -31,7 +31,44 @@ RETRIES_HEADER = "x-inference-retries"
 DISCOVERY_RETRY_SECONDS = 30.0
 PROBE_TIMEOUT_SECONDS = 5.0
 
-log = logging.getLogger("inference_core.engine")
+_OPERATIONS = {Endpoint.CHAT: "chat", Endpoint.COMPLETIONS: "text_completion", Endpoint.EMBEDDINGS: "embeddings"}
+_REQUEST_ATTRIBUTES = (
+    ("max_tokens", "gen_ai.request.max_tokens"),
+    ("temperature", "gen_ai.request.temperature"),
+    ("top_p", "gen_ai.request.top_p"),
+    ("seed", "gen_ai.request.seed"),
+)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one call, filled in by the engine, read by headers, logs, metrics and spans."""
+
+    queued: float = 0.0
+    #: Of ``queued``, the seconds spent waiting for the rate limit.
+    rate_limited: float = 0.0
+    retries: int = 0
+    #: Seconds slept between attempts.
+    backoff: float = 0.0
+    #: Seconds spent waiting on the backend, over all attempts (to headers, or whole body).
+    upstream: float = 0.0
+    #: One entry per failed attempt: connect, timeout, bad_response or the HTTP status.
+    upstream_errors: list[str] = field(default_factory=list)
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {QUEUE_MS_HEADER: f"{self.queued * 1000:.1f}", RETRIES_HEADER: str(self.retries)}
+
+    def count_usage(self, usage: object) -> None:
+        if isinstance(usage, dict):
+            self.prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
+            self.completion_tokens = _int_or_none(usage.get("completion_tokens"))
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +80,7 @@ class Call:
     request_id: str
     raw: bytes | None = None
     priority: int = 0
+    outcome: Outcome = field(default_factory=Outcome)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +115,11 @@ class Probe:
     latency_ms: float
 
 
-@dataclass(slots=True)
-class _Attempt:
-    """What one call went through, reported to the client in headers."""
-
-    queued: float = 0.0
-    retries: int = 0
-
-    def headers(self) -> dict[str, str]:
-        return {QUEUE_MS_HEADER: f"{self.queued * 1000:.1f}", RETRIES_HEADER: str(self.retries)}
+def _failure_kind(error: GatewayError) -> str:
+    """A bounded label for an upstream failure that is not retried."""
+    if isinstance(error, UpstreamStatusError):
+        return str(error.status)
+    return "bad_response" if isinstance(error, BadUpstreamResponse) else "other"
 
 
 def _relayed_headers(upstream: Mapping[str, str]) -> dict[str, str]:
@@ -108,6 +142,7 @@ class Engine:
         retry_policy: retry.RetryPolicy,
         rate_limiter: RateLimiter | None = None,
         on_retry: Callable[[retry.RetryEvent], None] | None = None,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.provider = provider
         self.transport = transport
@@ -117,6 +152,7 @@ class Engine:
         self.retry_policy = retry_policy
         self.rate_limiter = rate_limiter
         self.on_retry = on_retry
+        self.tracer = tracer
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._discovery_lock = asyncio.Lock()
         self._discovered_at: float | None = None
@@ -149,65 +185,76 @@ class Engine:
     # One call, start to end.
 
     async def complete(self, call: Call) -> Reply:
-        attempt = _Attempt()
-        attempt.queued = await self.admission.acquire(call.priority)
+        outcome = call.outcome
+        await self._admit(call)
         try:
-            _, headers, body = await self._with_retries(call, attempt, stream=False)
+            _, headers, body = await self._with_retries(call, stream=False)
         except GatewayError as error:
-            error.headers.update(attempt.headers())
+            error.headers.update(outcome.headers())
             raise
         finally:
             self.admission.release()
         assert body is not None
-        return Reply(body, headers | attempt.headers())
+        return Reply(body, headers | outcome.headers())
 
     async def stream(self, call: Call) -> Stream:
         """Start a stream; its slot is held until ``Stream.aclose``."""
-        attempt = _Attempt()
-        attempt.queued = await self.admission.acquire(call.priority)
+        await self._admit(call)
         try:
-            response, headers, _ = await self._with_retries(call, attempt, stream=True)
+            response, headers, _ = await self._with_retries(call, stream=True)
         except BaseException as error:
             self.admission.release()
             if isinstance(error, GatewayError):
-                error.headers.update(attempt.headers())
+                error.headers.update(call.outcome.headers())
             raise
         frames = sse.whole_frames(response.chunks())
-        return Stream(frames, headers | attempt.headers(), response, self.admission.release)
+        return Stream(frames, headers | call.outcome.headers(), response, self.admission.release)
 
-    async def _with_retries(
-        self, call: Call, attempt: _Attempt, *, stream: bool
-    ) -> tuple[UpstreamResponse, dict[str, str], bytes | None]:
+    async def _admit(self, call: Call) -> None:
+        with self.tracer.span("queue", {"inference_core.priority": call.priority}):
+            call.outcome.queued = await self.admission.acquire(call.priority)
+
+    async def _with_retries(self, call: Call, *, stream: bool) -> tuple[UpstreamResponse, dict[str, str], bytes | None]:
         """Send until an attempt succeeds, the error is not worth retrying, or time runs out."""
+        outcome = call.outcome
         deadline = time.monotonic() + self.timeout
         policy = self.retry_policy
+        name, attributes = self._span_details(call) if self.tracer.enabled else ("", {})
         while True:
             if self.rate_limiter is not None:
                 # Waiting for the rate limit is waiting in line: it counts as queue time.
-                attempt.queued += await self.rate_limiter.acquire(within=deadline - time.monotonic())
+                waited = await self.rate_limiter.acquire(within=deadline - time.monotonic())
+                outcome.queued += waited
+                outcome.rate_limited += waited
+            started = time.perf_counter()
             try:
-                result = await self._attempt(call, deadline - time.monotonic(), stream=stream)
+                with self.tracer.span(name, attributes, kind="client") as span:
+                    result = await self._attempt(call, deadline - time.monotonic(), span, stream=stream)
             except GatewayError as error:
+                outcome.upstream += time.perf_counter() - started
                 why = retry.reason(error)
+                outcome.upstream_errors.append(why or _failure_kind(error))
                 asked = error.retry_after if isinstance(error, UpstreamStatusError) else None
                 if why == "429" and self.rate_limiter is not None:
                     self.rate_limiter.throttled(asked)
-                if why is None or attempt.retries >= policy.max_retries:
+                if why is None or outcome.retries >= policy.max_retries:
                     raise
-                delay = policy.delay(attempt.retries, asked)
+                delay = policy.delay(outcome.retries, asked)
                 if time.monotonic() + delay >= deadline:
                     raise
                 if self.on_retry is not None:
-                    self.on_retry(retry.RetryEvent(call.request_id, attempt.retries + 1, why, delay))
+                    self.on_retry(retry.RetryEvent(call.request_id, outcome.retries + 1, why, delay))
                 await asyncio.sleep(delay)
-                attempt.retries += 1
+                outcome.backoff += delay
+                outcome.retries += 1
             else:
+                outcome.upstream += time.perf_counter() - started
                 if self.rate_limiter is not None:
                     self.rate_limiter.succeeded()
                 return result
 
     async def _attempt(
-        self, call: Call, within: float, *, stream: bool
+        self, call: Call, within: float, span: Span, *, stream: bool
     ) -> tuple[UpstreamResponse, dict[str, str], bytes | None]:
         """One upstream attempt: translate, send, and (unless streaming) read and check the body."""
         await self.discover()
@@ -219,14 +266,17 @@ class Engine:
         translation = self.provider.translate(call.endpoint, payload)
         if translation.changed or raw is None:
             raw = orjson.dumps(translation.payload)
+        request_headers = self._headers(call.request_id)
+        self.tracer.inject(request_headers)
         response = await self.transport.request(
             "POST",
             call.endpoint.value,
-            headers=self._headers(call.request_id),
+            headers=request_headers,
             body=raw,
             within=within,
             stream=stream,
         )
+        span.set("http.response.status_code", response.status)
         if response.status >= 400:
             raise self._upstream_error(response, await response.read())
         headers = _relayed_headers(response.headers)
@@ -236,10 +286,33 @@ class Engine:
             return response, headers, None
         body = await response.read()
         try:
-            orjson.loads(body)
+            parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise BadUpstreamResponse("The backend answered with malformed JSON.") from None
+        if isinstance(parsed, dict):
+            outcome = call.outcome
+            outcome.model = parsed.get("model") if isinstance(parsed.get("model"), str) else None
+            outcome.count_usage(parsed.get("usage"))
+            span.set("gen_ai.response.model", outcome.model)
+            span.set("gen_ai.usage.input_tokens", outcome.prompt_tokens)
+            span.set("gen_ai.usage.output_tokens", outcome.completion_tokens)
         return response, headers, body
+
+    def _span_details(self, call: Call) -> tuple[str, dict[str, AttributeValue]]:
+        """An upstream attempt's span name and OpenTelemetry GenAI attributes."""
+        payload = call.payload
+        operation = _OPERATIONS[call.endpoint]
+        model = payload.get("model") or self.default_model
+        attributes: dict[str, AttributeValue] = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": self.provider.name,
+            "gen_ai.request.model": str(model),
+        }
+        for field_name, attribute in _REQUEST_ATTRIBUTES:
+            value = payload.get(field_name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                attributes[attribute] = value
+        return f"{operation} {model}", attributes
 
     def _upstream_error(self, response: UpstreamResponse, body: bytes) -> UpstreamStatusError:
         error = self.provider.classify_error(response.status, body)

@@ -1,0 +1,99 @@
+"""Prometheus metrics, all named ``inference_core_*``, all with bounded label sets.
+
+Labels never carry free text: ``endpoint`` is a route template, ``model`` is a model the
+gateway knows (configured, or listed by the backend) or ``other``, ``status_class`` is ``2xx``
+and the like, reasons and kinds come from fixed vocabularies. The registry belongs to one app,
+and one process is the deployment unit: the queue and its limits live in that process, so
+scale out with replicas rather than uvicorn workers (which would each have their own queue).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from inference_core.engine import Admission, RetryEvent
+
+#: The largest number of distinct model names used as label values.
+MAX_MODEL_LABELS = 64
+OTHER = "other"
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_QUEUE = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_OVERHEAD = (0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01)
+_TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_GAP = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self, *, configured_model: str) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.models = {configured_model}
+
+        def counter(name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
+            return Counter(f"inference_core_{name}", doc, labels, registry=registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...], labels: Iterable[str] = ()) -> Histogram:
+            return Histogram(f"inference_core_{name}", doc, labels, buckets=buckets, registry=registry)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"inference_core_{name}", doc, registry=registry)
+
+        self.requests = counter(
+            "requests", "Requests answered, by endpoint, model and status class.", ("endpoint", "model", "status_class")
+        )
+        self.latency = histogram(
+            "request_duration_seconds", "Request to the end of the response (streams: to the last event).", _LATENCY,
+            ("endpoint",),
+        )  # fmt: skip
+        self.upstream_latency = histogram(
+            "upstream_duration_seconds",
+            "Time waiting on the backend per request, over all attempts (streams: to the first byte).",
+            _LATENCY,
+            ("endpoint",),
+        )
+        self.queue_wait = histogram("queue_wait_seconds", "Time waiting for a slot or the rate limit.", _QUEUE)
+        self.overhead = histogram(
+            "overhead_seconds", "The gateway's own time on a request: to response start, less queue and backend.",
+            _OVERHEAD, ("endpoint",),
+        )  # fmt: skip
+        self.ttft = histogram("time_to_first_token_seconds", "Request to the first stream event.", _TTFT, ("endpoint",))
+        self.gaps = histogram("stream_event_gap_seconds", "Time between events relayed on a stream.", _GAP)
+        self.tokens = counter(
+            "tokens", "Tokens counted from the backend's usage, by kind and model.", ("kind", "model")
+        )
+        self.retries = counter("upstream_retries", "Upstream attempts retried, by reason.", ("reason",))
+        self.upstream_errors = counter(
+            "upstream_errors", "Failed upstream attempts, by kind (HTTP status, connect, timeout...).", ("kind",)
+        )
+        self.disconnects = counter(
+            "client_disconnects", "Clients that left before their answer ended, by phase.", ("phase",)
+        )
+        self.queue_depth = gauge("queue_depth", "Requests waiting for a slot.")
+        self.in_flight = gauge("in_flight", "Requests holding a slot (sent upstream, or streaming).")
+        self.concurrency_limit = gauge("concurrency_limit", "Slots: INFERENCE_MAX_CONCURRENT_TASKS.")
+        self.rate_limit = gauge("rate_limit_rps", "The adaptive upstream rate limit in force (0: no limit).")
+        self.rate_limited = counter("rate_limit_waits", "Upstream sends that waited for the rate limit.")
+        self.backend_up = gauge("backend_up", "1 if the last health probe of the backend succeeded.")
+        self.probe_latency = gauge("backend_probe_seconds", "Duration of the last backend health probe.")
+
+    def watch(self, admission: Admission, rate: Callable[[], float] | None) -> None:
+        """Gauges read at scrape time, so the request path pays nothing for them."""
+        self.queue_depth.set_function(lambda: admission.waiting)
+        self.in_flight.set_function(lambda: admission.in_flight)
+        self.concurrency_limit.set_function(lambda: admission.max_in_flight)
+        if rate is not None:
+            self.rate_limit.set_function(rate)
+
+    def learn_models(self, names: Iterable[str]) -> None:
+        for name in names:
+            if len(self.models) >= MAX_MODEL_LABELS:
+                break
+            self.models.add(name)
+
+    def model_label(self, name: str | None) -> str:
+        return name if name in self.models else OTHER
+
+    def retried(self, event: RetryEvent) -> None:
+        self.retries.labels(event.reason).inc()

@@ -1,0 +1,190 @@
+"""Metrics, logs, health and graceful drain, observed from outside a running gateway."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Callable
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MODEL, chat_body
+from tests.servers import Server, free_port
+
+Spawn = Callable[..., Server]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(gateway: Server) -> Samples:
+    text = httpx.get(gateway.url + "/metrics").text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_request_metrics_move(gateway: Server, http: httpx.Client) -> None:
+    before = scrape(gateway)
+    usage = http.post("/v1/chat/completions", json=chat_body()).json()["usage"]
+    http.post("/v1/chat/completions", json=chat_body(model="not-a-served-model"))
+    after = scrape(gateway)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    chat = "/v1/chat/completions"
+    assert delta("inference_core_requests_total", endpoint=chat, model=MODEL, status_class="2xx") == 1
+    assert delta("inference_core_requests_total", endpoint=chat, model="other", status_class="4xx") == 1
+    assert delta("inference_core_tokens_total", kind="prompt", model=MODEL) == usage["prompt_tokens"]
+    assert delta("inference_core_tokens_total", kind="completion", model=MODEL) == usage["completion_tokens"]
+    assert delta("inference_core_request_duration_seconds_count", endpoint=chat) == 2
+    assert delta("inference_core_upstream_duration_seconds_count", endpoint=chat) == 2
+    assert delta("inference_core_overhead_seconds_count", endpoint=chat) == 1
+    assert delta("inference_core_queue_wait_seconds_count") == 2
+    assert delta("inference_core_upstream_errors_total", kind="404") == 1
+    assert value(after, "inference_core_concurrency_limit") == 500
+    assert value(after, "inference_core_backend_up") == 1
+    assert value(after, "inference_core_in_flight") == 0 and value(after, "inference_core_queue_depth") == 0
+
+
+def test_overhead_histogram_has_sub_millisecond_buckets(gateway: Server) -> None:
+    buckets = {
+        dict(labels)["le"]
+        for name, labels in scrape(gateway)
+        if name == "inference_core_overhead_seconds_bucket" and dict(labels).get("endpoint") == "/v1/chat/completions"
+    }
+    assert {"0.0001", "0.0005", "0.001"} <= buckets
+
+
+def test_retries_and_upstream_errors_are_counted(gateway: Server, http: httpx.Client) -> None:
+    before = scrape(gateway)
+    response = http.post("/v1/chat/completions", json=chat_body(sim_fault="status=503"))
+    after = scrape(gateway)
+    assert response.status_code == 503
+    retried = value(after, "inference_core_upstream_retries_total", reason="503") - value(
+        before, "inference_core_upstream_retries_total", reason="503"
+    )
+    failed = value(after, "inference_core_upstream_errors_total", kind="503") - value(
+        before, "inference_core_upstream_errors_total", kind="503"
+    )
+    assert retried == 3 and failed == 4
+
+
+def test_stream_metrics_and_aborts(gateway: Server, http: httpx.Client) -> None:
+    before = scrape(gateway)
+    body = chat_body(stream=True, max_tokens=5, stream_options={"include_usage": True}, sim_fault="itl=0.02")
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.read()
+    with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True, sim_fault="itl=0.2")) as response:
+        next(response.iter_lines())
+    time.sleep(0.3)
+    after = scrape(gateway)
+    chat = "/v1/chat/completions"
+    assert (
+        value(after, "inference_core_time_to_first_token_seconds_count", endpoint=chat)
+        - value(before, "inference_core_time_to_first_token_seconds_count", endpoint=chat)
+        == 2
+    )
+    assert value(after, "inference_core_stream_event_gap_seconds_count") > value(
+        before, "inference_core_stream_event_gap_seconds_count"
+    )
+    assert (
+        value(after, "inference_core_tokens_total", kind="completion", model=MODEL)
+        - value(before, "inference_core_tokens_total", kind="completion", model=MODEL)
+        == 5
+    )
+    assert (
+        value(after, "inference_core_client_disconnects_total", phase="streaming")
+        - value(before, "inference_core_client_disconnects_total", phase="streaming")
+        == 1
+    )
+
+
+def _log_line(server: Server, request_id: str) -> dict[str, object]:
+    for _ in range(50):
+        for line in server.output.splitlines():
+            if request_id in line and '"logger":"inference_core.access"' in line:
+                return json.loads(line)
+        time.sleep(0.05)
+    raise AssertionError(f"no access log line for {request_id}:\n{server.output[-2000:]}")
+
+
+def test_one_json_log_line_per_request(gateway: Server, http: httpx.Client) -> None:
+    http.post("/v1/chat/completions", json=chat_body(), headers={"x-request-id": "log-check-1"})
+    line = _log_line(gateway, "log-check-1")
+    assert line["endpoint"] == "/v1/chat/completions" and line["status"] == 200 and line["model"] == MODEL
+    assert {"ts", "level", "latency_ms", "queue_ms", "retries", "prompt_tokens", "completion_tokens"} <= line.keys()
+    with contextlib.suppress(httpx.TimeoutException):  # a client that leaves early is logged too
+        http.post("/v1/chat/completions", json=chat_body(), headers={"x-request-id": "log-check-2"}, timeout=0.001)
+    for line_text in gateway.output.splitlines():
+        json.loads(line_text)  # every line is JSON, uvicorn's included
+    assert "sk-test-secret-4f9a" not in gateway.output
+    assert "Hello!" not in gateway.output, "bodies are never logged"
+
+
+def test_text_log_format(spawn: Spawn, simulator: Server) -> None:
+    gateway = spawn("gateway", simulator.url, log_format="text")
+    httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(), headers={"x-request-id": "text-log-1"})
+    time.sleep(0.2)
+    assert "request_id=text-log-1 " in gateway.output and "status=200" in gateway.output
+
+
+def test_health_report_and_readiness(gateway: Server, http: httpx.Client) -> None:
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["provider"] == "vllm"
+    assert health["backend"]["reachable"] is True and health["backend"]["version"] == "0.12.0"
+    assert health["queue"] == {"depth": 0, "capacity": 10000} and health["concurrency_limit"] == 500
+    assert "sk-test" not in json.dumps(health)
+    assert http.get("/health/live").status_code == 200
+    assert http.get("/health/ready").status_code == 200
+
+
+def test_readiness_follows_the_backend(spawn: Spawn) -> None:
+    backend = spawn("simulator")
+    gateway = spawn("gateway", backend.url, probe_interval="0.2")
+    assert httpx.get(gateway.url + "/health/ready").status_code == 200
+    backend.stop()
+    deadline = time.monotonic() + 3
+    while httpx.get(gateway.url + "/health/ready").status_code == 200:
+        assert time.monotonic() < deadline, "still ready with the backend gone"
+        time.sleep(0.1)
+    assert httpx.get(gateway.url + "/health/live").status_code == 200
+    assert httpx.get(gateway.url + "/health").json()["backend"]["reachable"] is False
+
+
+def test_not_ready_without_backend(spawn: Spawn) -> None:
+    gateway = spawn("gateway", f"http://127.0.0.1:{free_port()}")
+    assert httpx.get(gateway.url + "/health/live").status_code == 200
+    ready = httpx.get(gateway.url + "/health/ready")
+    assert ready.status_code == 503 and ready.json()["reason"] == "backend unreachable"
+
+
+def test_sigterm_drains_then_exits_zero(spawn: Spawn, simulator: Server) -> None:
+    gateway = spawn("gateway", simulator.url, shutdown_grace="10")
+    body = chat_body(stream=True, max_tokens=15, sim_fault="itl=0.1")
+
+    def stream() -> list[str]:
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=30) as response:
+            return [line for line in response.iter_lines() if line.startswith("data: ")]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(stream)
+        time.sleep(0.4)
+        gateway.process.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        assert httpx.get(gateway.url + "/health/ready").status_code == 503
+        refused = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body())
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+        assert refused.headers["retry-after"]
+        events = running.result(timeout=10)
+    assert events[-1] == "data: [DONE]" and len(events) >= 15
+    assert gateway.process.wait(10) == 0
