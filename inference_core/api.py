@@ -282,11 +282,11 @@ def __getattr__(name: str) -> Starlette:
         raise AttributeError(name)
     try:
         settings = load_settings()
+        application = create_app(settings)
     except ConfigError as exc:
         print(f"inference-core: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
-    application = create_app(settings)
     globals()["app"] = application
     return application
 

@@ -69,6 +69,7 @@ def serve(argv: Sequence[str]) -> None:
     args = _gateway_parser().parse_args(argv)
     try:
         settings = load_settings(**vars(args))
+        app = create_app(settings)
     except ConfigError as exc:
         print(f"inference-core: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -76,7 +77,7 @@ def serve(argv: Sequence[str]) -> None:
     # uvicorn re-raises SIGTERM once it has shut down gracefully: exit 0 for it, as orchestrators expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.value,

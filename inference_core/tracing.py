@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
+from inference_core.config import ConfigError
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -118,9 +120,15 @@ def tracer_from_environment() -> Tracer:
     ]
     if not exporters or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return NO_TRACER
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+    except ImportError:
+        raise ConfigError(
+            "OTEL_TRACES_EXPORTER: tracing needs the OpenTelemetry SDK (pip install 'inference-core[tracing]')"
+        ) from None
 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "inference-core")})
     provider = TracerProvider(resource=resource)
@@ -129,10 +137,8 @@ def tracer_from_environment() -> Tracer:
         if name == "console":
             exporter = ConsoleSpanExporter()
         elif name == "otlp":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
             exporter = OTLPSpanExporter()
         else:
-            raise ValueError(f"OTEL_TRACES_EXPORTER: unknown exporter '{name}' (accepts: otlp, console, none)")
+            raise ConfigError(f"OTEL_TRACES_EXPORTER: unknown exporter '{name}' (accepts: otlp, console, none)")
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return OTelTracer(provider)
