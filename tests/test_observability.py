@@ -5,9 +5,11 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import re
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -188,3 +190,16 @@ def test_sigterm_drains_then_exits_zero(spawn: Spawn, simulator: Server) -> None
         events = running.result(timeout=10)
     assert events[-1] == "data: [DONE]" and len(events) >= 15
     assert gateway.process.wait(10) == 0
+
+
+def test_dashboard_uses_only_real_metrics(http: httpx.Client) -> None:
+    families = {family.name for family in text_string_to_metric_families(http.get("/metrics").text)}
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy/grafana-dashboard.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"inference_core_\w+", target["expr"])
+    }
+    missing = {name for name in used if re.sub(r"_(total|bucket|count|sum)$", "", name) not in families}
+    assert used and not missing, missing
