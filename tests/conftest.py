@@ -87,6 +87,23 @@ def client(gateway: Server) -> Iterator[openai.OpenAI]:
         yield sdk
 
 
+SdkFor = Callable[[Server], openai.OpenAI]
+
+
+@pytest.fixture
+def sdk_for() -> Iterator[SdkFor]:
+    """OpenAI SDK clients for any gateway, closed after the test."""
+    made: list[openai.OpenAI] = []
+
+    def make(server: Server) -> openai.OpenAI:
+        made.append(openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0))
+        return made[-1]
+
+    yield make
+    for sdk in made:
+        sdk.close()
+
+
 def sim_stats(simulator: Server) -> dict[str, Any]:
     return httpx.get(simulator.url + "/_sim/stats").json()
 

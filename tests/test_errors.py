@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL, chat_body, sim_stats
+from tests.conftest import MODEL, SdkFor, chat_body, sim_stats
 from tests.openai_schemas import OpenAISchemas
 from tests.servers import Server, free_port
 
@@ -77,12 +77,12 @@ def test_body_over_the_limit(spawn: Callable[..., Server], simulator: Server, sc
     assert httpx.post(gateway.url + "/v1/chat/completions", json=chat_body()).status_code == 200
 
 
-def test_backend_unreachable(spawn: Callable[..., Server], schemas: OpenAISchemas) -> None:
+def test_backend_unreachable(spawn: Callable[..., Server], schemas: OpenAISchemas, sdk_for: SdkFor) -> None:
     gateway = spawn("gateway", f"http://127.0.0.1:{free_port()}")
     error = _error(httpx.post(gateway.url + "/v1/chat/completions", json=chat_body()), schemas, 502)
     assert error["code"] == "backend_unreachable"
     assert "127.0.0.1" not in str(error["message"])
-    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+    sdk = sdk_for(gateway)
     with pytest.raises(openai.InternalServerError):
         sdk.models.list()
 

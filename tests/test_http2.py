@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import trustme
 
+from tests.conftest import SdkFor
 from tests.servers import Server, free_port, start, start_gateway
 
 
@@ -48,9 +48,11 @@ def _stats(backend: Server, authority: Path) -> dict[str, object]:
     return httpx.get(backend.url + "/_sim/stats", verify=context).json()
 
 
-def test_requests_share_http2_connections(h2_gateway: Server, tls_backend: tuple[Server, Path]) -> None:
+def test_requests_share_http2_connections(
+    h2_gateway: Server, tls_backend: tuple[Server, Path], sdk_for: SdkFor
+) -> None:
     backend, authority = tls_backend
-    sdk = openai.OpenAI(base_url=h2_gateway.url + "/v1", api_key="x", max_retries=0)
+    sdk = sdk_for(h2_gateway)
     for _ in range(10):
         completion = sdk.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
         assert completion.choices[0].message.content

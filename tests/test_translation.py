@@ -10,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import MODEL, chat_body, sim_stats
+from tests.conftest import MODEL, SdkFor, chat_body, sim_stats
 from tests.openai_schemas import OpenAISchemas
 from tests.servers import Server
 
@@ -95,9 +95,9 @@ def test_openai_drops_vllm_params_and_says_so(openai_gateway: Server, openai_sim
 
 
 def test_openai_guided_json_becomes_response_format(
-    openai_gateway: Server, openai_simulator: Server, schemas: OpenAISchemas
+    openai_gateway: Server, openai_simulator: Server, schemas: OpenAISchemas, sdk_for: SdkFor
 ) -> None:
-    sdk = openai.OpenAI(base_url=openai_gateway.url + "/v1", api_key="x", max_retries=0)
+    sdk = sdk_for(openai_gateway)
     completion = sdk.chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": "fruits"}], extra_body={"guided_json": FRUITS}
     )
@@ -136,11 +136,13 @@ def test_openai_rejects_unexpressible_constraints(
     assert response.json()["error"]["param"] == param
 
 
-def test_openai_strict_mode_refuses_vllm_params(spawn: Callable[..., Server], openai_simulator: Server) -> None:
+def test_openai_strict_mode_refuses_vllm_params(
+    spawn: Callable[..., Server], openai_simulator: Server, sdk_for: SdkFor
+) -> None:
     gateway = spawn(
         "gateway", openai_simulator.url, provider_type="openai", model="gpt-4o", drop_unsupported_params="false"
     )
-    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+    sdk = sdk_for(gateway)
     with pytest.raises(openai.BadRequestError) as caught:
         sdk.chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "x"}], extra_body={"top_k": 3}

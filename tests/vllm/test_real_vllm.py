@@ -1,0 +1,181 @@
+"""The gateway in front of a real vLLM 0.32 (CPU build, tiny random model), through the official SDK."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import re
+import time
+from collections.abc import Iterator
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.servers import Server
+from tests.vllm.conftest import EMBEDDING_MODEL, LORA, MODEL
+
+pytestmark = pytest.mark.vllm
+
+FRUITS = {
+    "type": "object",
+    "properties": {"fruits": {"type": "array", "items": {"type": "string"}}},
+    "required": ["fruits"],
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"location": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["location", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.fixture
+def client(gateway: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120) as sdk:
+        yield sdk
+
+
+def _ask(client: openai.OpenAI, **extra: object) -> openai.types.chat.ChatCompletion:
+    messages = [{"role": "user", "content": "Hello!"}]
+    return client.chat.completions.create(model=MODEL, messages=messages, **extra)  # type: ignore[arg-type]
+
+
+def test_chat_and_text_completions(client: openai.OpenAI) -> None:
+    chat = _ask(client, max_tokens=8)
+    assert chat.model == MODEL and chat.usage is not None and 1 <= chat.usage.completion_tokens <= 8
+    text = client.completions.create(model=MODEL, prompt="def main(", max_tokens=8)
+    assert text.choices[0].text and text.usage is not None
+
+
+def test_streams_with_usage(client: openai.OpenAI) -> None:
+    chunks = list(_ask(client, max_tokens=8, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed and chunks[-1].usage.completion_tokens <= 8
+    text = list(client.completions.create(model=MODEL, prompt="x", max_tokens=5, stream=True))
+    assert any(c.choices and c.choices[0].finish_reason for c in text)
+
+
+def test_logprobs(client: openai.OpenAI) -> None:
+    chat = _ask(client, max_tokens=3, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content and len(content[0].top_logprobs) == 2
+
+
+def test_brief_guided_json_example(client: openai.OpenAI) -> None:
+    # vLLM 0.32 ignores guided_json: only the gateway's translation makes this JSON.
+    chat = _ask(client, max_tokens=200, extra_body={"guided_json": FRUITS})
+    jsonschema.validate(json.loads(chat.choices[0].message.content or ""), FRUITS)
+
+
+def test_guided_regex_and_choice(client: openai.OpenAI) -> None:
+    regex = _ask(client, max_tokens=20, extra_body={"guided_regex": "[a-z]{3,6}"})
+    assert re.fullmatch("[a-z]{3,6}", regex.choices[0].message.content or "")
+    choice = _ask(client, max_tokens=10, extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert choice.choices[0].message.content in ("red", "green", "blue")
+
+
+def test_structured_outputs_and_response_format(client: openai.OpenAI) -> None:
+    direct = _ask(client, max_tokens=200, extra_body={"structured_outputs": {"json": FRUITS}})
+    jsonschema.validate(json.loads(direct.choices[0].message.content or ""), FRUITS)
+    response_format = {"type": "json_schema", "json_schema": {"name": "fruits", "schema": FRUITS}}
+    formatted = _ask(client, max_tokens=200, response_format=response_format)
+    jsonschema.validate(json.loads(formatted.choices[0].message.content or ""), FRUITS)
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_call(client: openai.OpenAI, tool_choice: object) -> None:
+    chat = _ask(client, max_tokens=300, tools=[WEATHER], tool_choice=tool_choice)
+    call = chat.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
+
+
+def test_lora_adapter_by_name(client: openai.OpenAI) -> None:
+    listed = {model.id: model for model in client.models.list()}
+    assert {MODEL, LORA} <= listed.keys()
+    assert (
+        client.chat.completions.create(model=LORA, messages=[{"role": "user", "content": "hi"}], max_tokens=4).model
+        == LORA
+    )
+
+
+def test_embeddings(embed_gateway: Server) -> None:
+    with openai.OpenAI(base_url=embed_gateway.url + "/v1", api_key="unused", max_retries=0) as sdk:
+        floats = sdk.embeddings.create(model=EMBEDDING_MODEL, input=["Hello world", "Bonjour"], encoding_format="float")
+    assert [len(item.embedding) for item in floats.data] == [384, 384]
+    raw = httpx.post(
+        embed_gateway.url + "/v1/embeddings", json={"input": "Hello world", "encoding_format": "base64"}, timeout=60
+    ).json()
+    assert len(base64.b64decode(raw["data"][0]["embedding"])) == 384 * 4
+
+
+def test_priority_ordering(gateway: Server) -> None:
+    """One sequence slot: a high-priority request overtakes a low-priority one queued before it."""
+
+    def ask(priority: int, max_tokens: int) -> float:
+        body = {
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": max_tokens, "priority": priority,
+            "ignore_eos": True,
+        }  # fmt: skip
+        response = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        long_low = pool.submit(ask, 10, 600)
+        time.sleep(0.5)
+        queued_low = pool.submit(ask, 10, 20)
+        time.sleep(0.3)
+        queued_high = pool.submit(ask, -10, 20)
+        assert queued_high.result() < queued_low.result()
+        long_low.result()
+
+
+def _abort_count(vllm_chat: Server) -> float:
+    text = httpx.get(vllm_chat.url + "/metrics").text
+    found = re.search(r'^vllm:request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _generated(vllm_chat: Server) -> float:
+    text = httpx.get(vllm_chat.url + "/metrics").text
+    found = re.search(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_disconnect_mid_stream_aborts_in_vllm(gateway: Server, vllm_chat: Server) -> None:
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+    time.sleep(1.0)
+    settled = _generated(vllm_chat)
+    time.sleep(1.5)
+    assert _generated(vllm_chat) == settled, "vLLM kept generating after the client left"
+    assert _generated(vllm_chat) > 0
+
+
+def test_vllm_errors_reach_the_client(gateway: Server, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    too_long = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000},
+        timeout=60,
+    )
+    assert too_long.status_code == 400
+    error = too_long.json()["error"]
+    assert error["param"] == "max_tokens" and "max_tokens" in error["message"]
+    assert error["type"] == "invalid_request_error" and error["code"] is None
