@@ -13,18 +13,14 @@ Needs wrk (Debian package ``wrk``) and ``taskset``.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from processes import MODEL, cpu_seconds, free_port, start
 
-MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -35,35 +31,6 @@ done = function(summary, latency, requests)
     + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start(core: int, args: list[str], env: dict[str, str], ready: str) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        ["taskset", "-c", str(core), sys.executable, "-m", "inference_core", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(200):
-        try:
-            httpx.get(ready, timeout=1)
-            return process
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{args} did not start")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str, float]:
@@ -87,12 +54,12 @@ def main() -> None:
     args = parser.parse_args()
 
     sim_port, gw_port = free_port(), free_port()
-    simulator = start(1, ["simulate", "--port", str(sim_port)], {}, f"http://127.0.0.1:{sim_port}/health")
+    simulator = start(["simulate", "--port", str(sim_port)], {}, f"http://127.0.0.1:{sim_port}/health", core=1)
     gateway = start(
-        0,
         ["--port", str(gw_port), "--host", "127.0.0.1", "--log-level", "warning"],
         {"INFERENCE_BASE_URL": f"http://127.0.0.1:{sim_port}/v1", "INFERENCE_MODEL": MODEL},
         f"http://127.0.0.1:{gw_port}/health/live",
+        core=0,
     )
     targets = {"simulator": sim_port, "gateway": gw_port}
     try:

@@ -15,50 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
-import httpx
 import orjson
-
-MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start(args: list[str], env: dict[str, str], ready: str) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "inference_core", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(200):
-        try:
-            httpx.get(ready, timeout=1)
-            return process
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{args} did not start")
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from processes import MODEL, free_port, peak_rss_mb, start
 
 
 def percentiles(values: list[float]) -> str:
