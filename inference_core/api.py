@@ -18,11 +18,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from inference_core import openapi, protocol
+from inference_core.auth import GatewayKeys, parse_keys
 from inference_core.config import ConfigError, ProviderType, Settings, load_settings
 from inference_core.engine import Admission, Call, Engine, RateLimiter, RetryPolicy
 from inference_core.errors import (
@@ -268,9 +270,16 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Starlette
         await health.stop()
         await transport.aclose()
 
+    middleware = [Middleware(RequestContext, metrics=metrics, tracer=tracer)]
+    if settings.cors_origins:
+        origins = [origin.strip() for origin in settings.cors_origins.split(",")]
+        middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]))
+    if settings.gateway_api_keys is not None:
+        keys = parse_keys(settings.gateway_api_keys.get_secret_value())
+        middleware.append(Middleware(GatewayKeys, keys=keys))
     return Starlette(
         routes=routes.table(),
-        middleware=[Middleware(RequestContext, metrics=metrics, tracer=tracer)],
+        middleware=middleware,
         exception_handlers={GatewayError: gateway_error, HTTPException: http_error},
         lifespan=lifespan,
     )

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
         8.0, description="Longest wait before a retry, including a backend's Retry-After."
     )
     max_batch_size: Annotated[int, Field(ge=1)] = Field(256, description="Most requests accepted in one batch call.")
+    gateway_api_keys: SecretStr | None = Field(
+        None, description="Keys clients must send as 'Authorization: Bearer' on /v1/* (key1,key2 or @file)."
+    )
+    cors_origins: str = Field("", description="Origins allowed by CORS, comma-separated, or * (empty: CORS off).")
     host: str = Field("0.0.0.0", description="Address the gateway listens on.")
     port: Annotated[int, Field(ge=0, le=65535)] = Field(8080, description="Port the gateway listens on.")
     drop_unsupported_params: bool = Field(

@@ -12,6 +12,7 @@ and ``times=N`` (only the first N requests asking for this exact fault string ge
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections import Counter
@@ -146,6 +147,9 @@ class Simulator:
             self.stats.connections.add(f"{client.host}:{client.port}")
         self.stats.last_headers = {k: v for k, v in request.headers.items() if k != "authorization"}
         self.stats.last_headers["has_authorization"] = str("authorization" in request.headers).lower()
+        # A digest, so a test can tell which key arrived without the simulator holding it.
+        authorization = request.headers.get("authorization", "").encode()
+        self.stats.last_headers["authorization_sha256"] = hashlib.sha256(authorization).hexdigest()
         try:
             body: Any = None
             if request.method == "POST":

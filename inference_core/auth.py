@@ -1,0 +1,67 @@
+"""Gateway keys: with ``INFERENCE_GATEWAY_API_KEYS`` set, every ``/v1/*`` call needs one of them.
+
+Keys are compared in constant time, against every configured key, so neither timing nor the
+number of comparisons tells a caller how close a guess was. Health and metrics stay open: they
+are for probes and scrapers on the cluster network, and say nothing secret. The client's
+Authorization header is never forwarded: the backend's key comes only from configuration.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from inference_core.config import ConfigError
+from inference_core.errors import error_body
+
+PROTECTED_PREFIX = "/v1/"
+
+
+def parse_keys(spec: str) -> tuple[bytes, ...]:
+    """``key1,key2`` or ``@/path/to/file`` (one key per line, ``#`` starts a comment)."""
+    if spec.startswith("@"):
+        try:
+            text = Path(spec[1:]).read_text()
+        except OSError as exc:
+            raise ConfigError(f"INFERENCE_GATEWAY_API_KEYS: cannot read {spec[1:]} ({exc.strerror})") from None
+        keys = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    else:
+        keys = [key.strip() for key in spec.split(",")]
+    found = tuple(key.encode() for key in keys if key)
+    if not found:
+        raise ConfigError("INFERENCE_GATEWAY_API_KEYS: no key given (accepts: key1,key2 or @/path/to/keys)")
+    return found
+
+
+class GatewayKeys:
+    """ASGI middleware answering 401, in OpenAI's shape, to ``/v1/*`` calls without a valid key."""
+
+    def __init__(self, app: ASGIApp, *, keys: tuple[bytes, ...]) -> None:
+        self.app = app
+        self.keys = keys
+
+    def _valid(self, scope: Scope) -> bool:
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value[7:] if value[:7].lower() == b"bearer " else b""
+                break
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(key, given)
+        return matched and bool(given)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX) or self._valid(scope):
+            await self.app(scope, receive, send)
+            return
+        body = error_body("Invalid or missing API key.", "invalid_request_error", code="invalid_api_key")
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"www-authenticate", b"Bearer"),
+            (b"x-should-retry", b"false"),
+        ]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
