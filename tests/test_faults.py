@@ -1,0 +1,136 @@
+"""Backends that misbehave below HTTP: a purpose-built TCP upstream that goes silent, hangs up, or lies.
+
+Each case checks what the client gets (status, OpenAI error body) and that the gateway is
+healthy afterwards: nothing left in flight, and the next request to a good backend succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import chat_body
+from tests.openai_schemas import OpenAISchemas
+from tests.servers import Server, free_port
+
+Spawn = Callable[..., Server]
+
+
+class BrokenUpstream:
+    """A TCP server on loopback whose behaviour is one of ``MODES``."""
+
+    MODES = ("silent", "hang_up", "truncated", "garbage")
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"GET /health" in head or b"GET /version" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+            writer.close()
+            return
+        if self.mode == "silent":
+            await asyncio.sleep(3600)
+        elif self.mode == "hang_up":
+            writer.transport.abort()
+        elif self.mode == "truncated":
+            writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{"id": ')
+            await writer.drain()
+            writer.close()
+        elif self.mode == "garbage":
+            writer.write(b"this is not HTTP at all\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+    def __enter__(self) -> BrokenUpstream:
+        self._thread.start()
+        started = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port), self._loop
+        )
+        self._server = started.result(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            self._server.close()
+            for writer in self._writers:
+                writer.transport.abort()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+@pytest.fixture
+def broken(request: pytest.FixtureRequest) -> Iterator[BrokenUpstream]:
+    with BrokenUpstream(request.param) as upstream:
+        yield upstream
+
+
+def _healthy_afterwards(gateway: Server, good: Server) -> None:
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert "inference_core_in_flight 0.0" in metrics and "inference_core_queue_depth 0.0" in metrics
+    assert httpx.get(gateway.url + "/health/live").status_code == 200
+    assert httpx.post(good.url + "/v1/chat/completions", json=chat_body()).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("broken", "status", "code", "settings"),
+    [
+        ("silent", 504, "backend_timeout", {"timeout": "0.5", "max_retries": "1"}),
+        ("hang_up", 502, "backend_unreachable", {}),
+        ("truncated", 502, "bad_upstream_response", {}),
+        ("garbage", 502, None, {}),
+    ],
+    indirect=["broken"],
+)
+def test_broken_backend(
+    spawn: Spawn, gateway: Server, broken: BrokenUpstream, schemas: OpenAISchemas,
+    status: int, code: str | None, settings: dict[str, str],
+) -> None:  # fmt: skip
+    faulty = spawn("gateway", broken.url, **settings)
+    for stream in (False, True):
+        response = httpx.post(faulty.url + "/v1/chat/completions", json=chat_body(stream=stream), timeout=30)
+        if stream and response.status_code == 200:
+            # The headers had come, so the stream began: the failure is its last event.
+            error = json.loads(response.text.strip().splitlines()[-1].removeprefix("data: "))
+        else:
+            assert response.status_code == status, response.text
+            error = response.json()
+        schemas.validate("ErrorResponse", error)
+        if code:
+            assert error["error"]["code"] == code
+    _healthy_afterwards(faulty, gateway)
+
+
+def test_client_leaving_while_waiting_for_the_first_byte(gateway: Server, http: httpx.Client) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(sim_fault="delay=1"), timeout=0.3)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(stream=True, sim_fault="delay=1"), timeout=0.3)
+    _healthy_afterwards(gateway, gateway)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/json"])
+def test_content_types_are_not_guessed(http: httpx.Client, content_type: str) -> None:
+    """The body is JSON whatever the label says: OpenAI's SDKs always send JSON."""
+    response = http.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "x"}]}',
+                         headers={"content-type": content_type})  # fmt: skip
+    assert response.status_code == 200
+    assert (
+        http.post("/v1/chat/completions", content=b"a=1&b=2", headers={"content-type": content_type}).status_code == 400
+    )
