@@ -17,9 +17,13 @@ from inference_core import __version__, protocol
 _REF = "#/components/schemas/{model}"
 _ERRORS = {
     "400": "Invalid request",
+    "401": "Missing or wrong gateway key (when INFERENCE_GATEWAY_API_KEYS is set), or the backend refused its key",
     "404": "Unknown route or model",
     "413": "Request body too large",
+    "429": "The backend's rate limit, after the gateway's retries",
+    "500": "The backend failed (relayed), or the gateway did",
     "502": "Backend unreachable or malformed answer",
+    "503": "Queue full, queue timeout or draining (with Retry-After), or the backend overloaded",
     "504": "Backend timed out",
 }
 
@@ -38,7 +42,7 @@ def _operation(
     ok = {"description": "Success", "content": _json(_ref(response))}
     if stream:
         ok["content"]["text/event-stream"] = {
-            "schema": {"type": "string", "description": "`data: <ChatCompletionChunk>` events, then `data: [DONE]`"}
+            "schema": {"description": "With `stream: true`: `data: <chunk>` events, then `data: [DONE]`."}
         }
     responses = {"200": ok} | {
         status: {"description": text, "content": _json(_ref(protocol.ErrorResponse))}
@@ -58,10 +62,11 @@ def document() -> bytes:
         protocol.Model, protocol.ModelList, protocol.ErrorResponse, protocol.BatchResponse,
     ]  # fmt: skip
     _, schemas = models_json_schema([(model, "validation") for model in models], ref_template=_REF)
-    chat = _ref(protocol.ChatCompletionRequest)
     paths = {
         "/v1/chat/completions": {
-            "post": _operation("Chat completion", protocol.ChatCompletion, body=chat, stream=True)
+            "post": _operation(
+                "Chat completion", protocol.ChatCompletion, body=_ref(protocol.ChatCompletionRequest), stream=True
+            )
         },
         "/v1/completions": {
             "post": _operation(
@@ -82,7 +87,12 @@ def document() -> bytes:
             "post": _operation(
                 "Many chat completions, answered in order",
                 protocol.BatchResponse,
-                body={"type": "array", "items": chat},
+                body={
+                    "type": "array",
+                    "items": {},
+                    "description": "Chat completion requests (see ChatCompletionRequest), each checked on its own:"
+                    " an invalid one gets an error in its place in the results.",
+                },
             )
         },
     }

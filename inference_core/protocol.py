@@ -7,7 +7,7 @@ backend sent them; their models here only document the shape.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -15,6 +15,8 @@ from inference_core.errors import InvalidRequest
 
 Stop = str | list[str] | None
 JsonSchema = dict[str, Any] | str
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+Prompt = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
 
 
 class _Open(BaseModel):
@@ -76,7 +78,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     logprobs: int | None = None
     echo: bool | None = None
     suffix: str | None = None
@@ -85,7 +87,7 @@ class CompletionRequest(_Sampling):
 
 class EmbeddingRequest(_Open):
     model: str | None = Field(None, description="Defaults to INFERENCE_MODEL.")
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Prompt
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = None
     user: str | None = None
@@ -187,7 +189,29 @@ def check(schema: type[_Open], payload: object) -> None:
         schema.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
+        param = _param(payload, first["loc"])
         if first["type"] == "missing":
             raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param) from None
         raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}.", param=param) from None
+
+
+def _param(payload: dict[str, Any], loc: tuple[int | str, ...]) -> str:
+    """The path of the offending value in the request, e.g. ``messages.0.role``.
+
+    Pydantic's locations also name the union member tried (``prompt.str``); those are not places
+    in the request, so the path stops where the request has no such key or index.
+    """
+    path: list[str] = []
+    node: Any = payload
+    for part in loc:
+        if isinstance(node, dict) and isinstance(part, str):
+            path.append(part)
+            if part not in node:
+                break
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            path.append(str(part))
+            node = node[part]
+        else:
+            break
+    return ".".join(path)

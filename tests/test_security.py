@@ -46,9 +46,11 @@ def test_any_configured_key_works_and_is_not_forwarded(guarded: Server, simulato
 
 
 def test_sdk_sees_authentication_error(guarded: Server) -> None:
-    with openai.OpenAI(base_url=guarded.url + "/v1", api_key="wrong", max_retries=0) as sdk:
-        with pytest.raises(openai.AuthenticationError):
-            sdk.models.list()
+    with (
+        openai.OpenAI(base_url=guarded.url + "/v1", api_key="wrong", max_retries=0) as sdk,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        sdk.models.list()
     with openai.OpenAI(base_url=guarded.url + "/v1", api_key=CLIENT_KEYS[1], max_retries=0) as sdk:
         assert sdk.models.list().data
 

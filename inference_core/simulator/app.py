@@ -50,6 +50,8 @@ OPENAI_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimen
 #: Fields vLLM adds to every completion; clients see them because the gateway relays bodies as sent.
 VLLM_EXTRAS = {"service_tier": None, "prompt_logprobs": None, "kv_transfer_params": None}
 FAULT_FIELD = "sim_fault"
+#: The context length the simulated model reports; longer outputs are refused, as vLLM does.
+MAX_MODEL_LEN = 4096
 GUIDED_KEYS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
@@ -176,7 +178,11 @@ class Simulator:
             if "malformed" in faults:
                 return Response(b'{"id": "broken", "choices": [', media_type="application/json")
             if request.method == "POST":
-                return await self.generate(path, body, faults)
+                try:
+                    return await self.generate(path, body, faults)
+                except (TypeError, ValueError, KeyError, AttributeError, IndexError, orjson.JSONDecodeError):
+                    # What a real server rejects as a bad request, not a crash.
+                    raise self.error(400, "The request could not be processed.") from None
             return self.describe(path)
         except SimulatedError as exc:
             return _json(exc.body, exc.status, exc.headers)
@@ -275,7 +281,11 @@ class Simulator:
     def _choice(self, body: dict[str, Any], index: int, chat: bool) -> tuple[list[str], str, dict[str, Any] | None]:
         """(content tokens, finish_reason, tool call) for choice ``index``."""
         rng = generate.rng_for(body.get("messages") or body.get("prompt"), body.get("seed"), index)
-        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        limit = (
+            self._bounded(body, "max_completion_tokens", 16, MAX_MODEL_LEN)
+            if "max_completion_tokens" in body
+            else (self._bounded(body, "max_tokens", 16, MAX_MODEL_LEN))
+        )
         tool = self._tool(body) if chat else None
         if tool is not None:
             function = tool.get("function") or {}
@@ -299,11 +309,20 @@ class Simulator:
         tokens, finish = generate.text_tokens(rng, int(limit), to_limit=bool(body.get("ignore_eos")))
         return tokens, finish, None
 
+    def _bounded(self, body: dict[str, Any], name: str, default: int, high: int, *, low: int = 1) -> int:
+        """An integer parameter within what a small server accepts, else a 400 naming it."""
+        value = body.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise self.error(400, f"'{name}' must be an integer from {low} to {high}.", param=name)
+        return value
+
     def _logprobs(self, tokens: list[str], body: dict[str, Any], chat: bool) -> dict[str, Any] | None:
         if chat:
             if not body.get("logprobs"):
                 return None
-            top = int(body.get("top_logprobs") or 0)
+            top = self._bounded(body, "top_logprobs", 0, 20, low=0)
             return {
                 "content": [
                     {
@@ -328,7 +347,7 @@ class Simulator:
         }
 
     async def complete(self, body: dict[str, Any], faults: dict[str, str], *, chat: bool) -> Response:
-        n = int(body.get("n") or 1)
+        n = self._bounded(body, "n", 1, 16)
         choices = [self._choice(body, index, chat) for index in range(n)]
         prompt = body.get("messages") if chat else body.get("prompt")
         prompt_tokens = max(1, len(orjson.dumps(prompt)) // 4)
@@ -468,7 +487,9 @@ class Simulator:
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs:
             raise self.error(400, "'input' must be a string or a non-empty list.", param="input")
-        dimensions = int(body.get("dimensions") or self.config.dimensions)
+        dimensions = self._bounded(body, "dimensions", self.config.dimensions, 4096)
+        if len(inputs) > 2048:
+            raise self.error(400, "At most 2048 inputs.", param="input")
         base64 = body.get("encoding_format") == "base64"
         data = []
         for index, item in enumerate(inputs):
