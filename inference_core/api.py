@@ -34,6 +34,7 @@ from inference_core.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
 )
 from inference_core.health import HealthMonitor
 from inference_core.observability import Metrics, RequestContext, configure_logging, record_of
@@ -51,18 +52,26 @@ _SCHEMAS: dict[Endpoint, type[protocol._Open]] = {
 }
 
 
-async def read_json(request: Request, limit: int) -> tuple[Any, bytes]:
-    """The request body, parsed, and its raw bytes; at most ``limit`` bytes are read."""
+async def read_json(request: Request, limit: int, within: float) -> tuple[Any, bytes]:
+    """The request body, parsed, and its raw bytes.
+
+    At most ``limit`` bytes are read, and they must all arrive within ``within`` seconds: a
+    client trickling its body (slowloris) gets 408 instead of holding a connection forever.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(within):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {within:g}s.") from None
     raw = b"".join(chunks)
     try:
         return orjson.loads(raw), raw
@@ -80,7 +89,7 @@ class Routes:
         self.health_monitor = health
 
     async def _forward(self, request: Request, endpoint: Endpoint) -> Response:
-        payload, raw = await read_json(request, self.settings.max_body_bytes)
+        payload, raw = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
         protocol.check(_SCHEMAS[endpoint], payload)
         record = record_of(request.scope)
         call = Call(endpoint, payload, record.request_id, raw, _priority(payload, request))
@@ -104,7 +113,7 @@ class Routes:
 
     async def batch(self, request: Request) -> Response:
         """Many chat requests in, one result each out, in order; one failure fails only itself."""
-        items, _ = await read_json(request, self.settings.max_body_bytes)
+        items, _ = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
         if not isinstance(items, list):
             raise InvalidRequest("The request body must be a JSON list of chat completion requests.")
         if len(items) > self.settings.max_batch_size:

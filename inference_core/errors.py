@@ -5,6 +5,7 @@
     │   └── UnsupportedParameter      400: the backend cannot honour a parameter
     ├── NotFound                      404: unknown route or model
     ├── MethodNotAllowed              405
+    ├── RequestTimeout                408: the body did not arrive in time
     ├── PayloadTooLarge               413: body over INFERENCE_MAX_BODY_BYTES
     ├── ClientDisconnected            499: the client left before its answer (never sent)
     ├── Overloaded                    503 with Retry-After: the gateway cannot take more
@@ -72,6 +73,12 @@ class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLarge(GatewayError):

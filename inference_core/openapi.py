@@ -19,6 +19,7 @@ _ERRORS = {
     "400": "Invalid request",
     "401": "Missing or wrong gateway key (when INFERENCE_GATEWAY_API_KEYS is set), or the backend refused its key",
     "404": "Unknown route or model",
+    "408": "The request body did not arrive within INFERENCE_TIMEOUT",
     "413": "Request body too large",
     "429": "The backend's rate limit, after the gateway's retries",
     "500": "The backend failed (relayed), or the gateway did",

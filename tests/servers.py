@@ -74,8 +74,8 @@ def start(
     raise RuntimeError(f"server did not start:\n{server.output}")
 
 
-def start_simulator(log_dir: Path, *args: str) -> Server:
-    port = free_port()
+def start_simulator(log_dir: Path, *args: str, port: int | None = None) -> Server:
+    port = port or free_port()
     return start(
         ["inference_core", "simulate", "--port", str(port), *args],
         port=port,

@@ -7,16 +7,21 @@ healthy afterwards: nothing left in flight, and the next request to a good backe
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import re
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import chat_body
 from tests.openai_schemas import OpenAISchemas
-from tests.servers import Server, free_port
+from tests.servers import Server, free_port, start_simulator
 
 Spawn = Callable[..., Server]
 
@@ -134,3 +139,61 @@ def test_content_types_are_not_guessed(http: httpx.Client, content_type: str) ->
     assert (
         http.post("/v1/chat/completions", content=b"a=1&b=2", headers={"content-type": content_type}).status_code == 400
     )
+
+
+def test_slow_body_gets_408(spawn: Spawn, simulator: Server, schemas: OpenAISchemas) -> None:
+    gateway = spawn("gateway", simulator.url, timeout="1")
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{"mess')
+        sock.settimeout(5)
+        started = time.monotonic()
+        answer = b""
+        while b"}}" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+        assert time.monotonic() - started < 3
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    schemas.validate("ErrorResponse", json.loads(body))
+
+
+def test_slow_reader_throttles_the_backend(spawn: Spawn) -> None:
+    backend = spawn("simulator")
+    gateway = spawn("gateway", backend.url)
+    body = chat_body(stream=True, n=16, max_tokens=4096, ignore_eos=True)  # ~16 MB of events
+    rss_before = _rss_mb(gateway)
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        next(lines)
+        time.sleep(2)  # read nothing: socket buffers fill, and the gateway must stop reading upstream
+        assert httpx.get(backend.url + "/_sim/stats").json()["streams_completed"] == 0
+        assert _rss_mb(gateway) - rss_before < 40, "the gateway buffered the stream instead of pushing back"
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+
+
+def _rss_mb(server: Server) -> float:
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def test_backend_restart_while_requests_are_queued(spawn: Spawn, log_dir: Path) -> None:
+    port = free_port()
+    backend = start_simulator(log_dir, port=port)
+    gateway = spawn(
+        "gateway", backend.url, max_concurrent_tasks="1", max_retries="6", retry_base_delay="0.2", retry_max_delay="0.5"
+    )
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = [pool.submit(_post_slow, gateway) for _ in range(3)]
+            time.sleep(0.3)
+            backend.stop()
+            time.sleep(0.5)
+            backend = start_simulator(log_dir, port=port)
+            assert [future.result().status_code for future in answers] == [200, 200, 200]
+    finally:
+        backend.stop()
+
+
+def _post_slow(gateway: Server) -> httpx.Response:
+    return httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(sim_fault="delay=0.3"), timeout=30)
