@@ -27,8 +27,6 @@ from inference_core.upstream import Transport, UpstreamResponse
 DROPPED_PARAMS_HEADER = "x-inference-dropped-params"
 QUEUE_MS_HEADER = "x-inference-queue-ms"
 RETRIES_HEADER = "x-inference-retries"
-#: How long to wait before asking the backend who it is again, after it failed to say.
-DISCOVERY_RETRY_SECONDS = 30.0
 PROBE_TIMEOUT_SECONDS = 5.0
 
 _OPERATIONS = {Endpoint.CHAT: "chat", Endpoint.COMPLETIONS: "text_completion", Endpoint.EMBEDDINGS: "embeddings"}
@@ -154,33 +152,27 @@ class Engine:
         self.on_retry = on_retry
         self.tracer = tracer
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._discovery_lock = asyncio.Lock()
-        self._discovered_at: float | None = None
-        self._discovery_failed_at = -DISCOVERY_RETRY_SECONDS
+        self.discovered = False
 
     def _headers(self, request_id: str) -> dict[str, str]:
         return {**self._auth, "Content-Type": "application/json", "X-Request-Id": request_id}
 
     async def discover(self) -> None:
-        """Ask the backend what it is, once (e.g. vLLM's version decides how to translate)."""
+        """Ask the backend what it is (e.g. vLLM's version decides how to translate), until it says.
+
+        Called by the health monitor at start-up and with every probe, never on the request path.
+        """
         path = self.provider.discovery_path
-        if path is None or self._discovered_at is not None:
+        if path is None or self.discovered:
             return
-        if time.monotonic() - self._discovery_failed_at < DISCOVERY_RETRY_SECONDS:
-            return
-        async with self._discovery_lock:
-            if self._discovered_at is not None:
-                return
-            try:
-                response = await self.transport.request("GET", path, headers=self._auth, within=PROBE_TIMEOUT_SECONDS)
-                body = await response.read()
-                if response.status != 200:
-                    raise BadUpstreamResponse(f"discovery answered HTTP {response.status}")
+        try:
+            response = await self.transport.request("GET", path, headers=self._auth, within=PROBE_TIMEOUT_SECONDS)
+            body = await response.read()
+            if response.status == 200:
                 self.provider.learn(body)
-            except (GatewayError, ValueError):
-                self._discovery_failed_at = time.monotonic()
-            else:
-                self._discovered_at = time.monotonic()
+                self.discovered = True
+        except (GatewayError, ValueError):
+            pass  # the next probe asks again; until then the provider assumes a current backend
 
     # One call, start to end.
 
@@ -257,7 +249,6 @@ class Engine:
         self, call: Call, within: float, span: Span, *, stream: bool
     ) -> tuple[UpstreamResponse, dict[str, str], bytes | None]:
         """One upstream attempt: translate, send, and (unless streaming) read and check the body."""
-        await self.discover()
         payload = call.payload
         raw = call.raw
         if "model" not in payload:
