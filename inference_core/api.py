@@ -88,7 +88,7 @@ class Routes:
         self.metrics = metrics
         self.health_monitor = health
 
-    async def _forward(self, request: Request, endpoint: Endpoint) -> Response:
+    async def _forward(self, request: Request, endpoint: Endpoint) -> Response | EventStreamResponse:
         payload, raw = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
         protocol.check(_SCHEMAS[endpoint], payload)
         record = record_of(request.scope)
@@ -98,17 +98,17 @@ class Routes:
         if endpoint is not Endpoint.EMBEDDINGS and payload.get("stream"):
             record.stream = True
             stream = await unless_disconnected(request.receive, self.engine.stream(call))
-            return EventStreamResponse(stream, record, self.metrics)  # type: ignore[return-value]
+            return EventStreamResponse(stream, record, self.metrics)
         reply = await unless_disconnected(request.receive, self.engine.complete(call))
         return JSONBytes(reply.body, reply.status, reply.headers)
 
-    async def chat(self, request: Request) -> Response:
+    async def chat(self, request: Request) -> Response | EventStreamResponse:
         return await self._forward(request, Endpoint.CHAT)
 
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, request: Request) -> Response | EventStreamResponse:
         return await self._forward(request, Endpoint.COMPLETIONS)
 
-    async def embeddings(self, request: Request) -> Response:
+    async def embeddings(self, request: Request) -> Response | EventStreamResponse:
         return await self._forward(request, Endpoint.EMBEDDINGS)
 
     async def batch(self, request: Request) -> Response:
@@ -132,7 +132,8 @@ class Routes:
             assert isinstance(item, dict)
             if item.get("stream"):
                 raise InvalidRequest("Streaming is not available in a batch.", param="stream")
-            priority = item.get("priority", default_priority)
+            priority = item.get("priority")
+            priority = default_priority if priority is None else priority
             return (await self.engine.complete(Call(Endpoint.CHAT, item, request_id, priority=priority))).body
         except GatewayError as exc:
             return exc.body()

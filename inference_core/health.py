@@ -100,7 +100,7 @@ class HealthMonitor:
                 "reachable": self.last.ok if self.last else None,
                 "latency_ms": round(self.last.latency_ms, 2) if self.last else None,
                 "last_probe_age_s": round(time.monotonic() - self.last_at, 2) if self.last else None,
-                "version": getattr(provider, "version", None),
+                "version": provider.version,
             },
             "queue": {"depth": admission.waiting, "capacity": admission.queue_size},
             "in_flight": admission.in_flight,

@@ -40,7 +40,7 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 def _operation(
     summary: str, response: type[BaseModel], *, body: dict[str, Any] | None = None, stream: bool = False
 ) -> dict[str, Any]:
-    ok = {"description": "Success", "content": _json(_ref(response))}
+    ok: dict[str, Any] = {"description": "Success", "content": _json(_ref(response))}
     if stream:
         ok["content"]["text/event-stream"] = {
             "schema": {"description": "With `stream: true`: `data: <chunk>` events, then `data: [DONE]`."}

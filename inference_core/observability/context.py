@@ -50,7 +50,8 @@ class RequestRecord:
 
 def record_of(scope: Scope) -> RequestRecord:
     """The record the middleware made for this request."""
-    return scope["state"]["record"]
+    record: RequestRecord = scope["state"]["record"]
+    return record
 
 
 class RequestContext:

@@ -42,6 +42,8 @@ class Provider(Protocol):
     discovery_path: str | None
     #: GET path that answers 2xx while the backend is up.
     health_path: str
+    #: The backend's version, once discovery has learnt it.
+    version: str | None
 
     def learn(self, body: bytes) -> None: ...
 

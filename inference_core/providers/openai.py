@@ -36,11 +36,12 @@ _UNEXPRESSIBLE = {"guided_regex": "regex", "guided_choice": "choice", "guided_gr
 
 class OpenAIProvider:
     name = "openai"
-    discovery_path = None
+    discovery_path: str | None = None
     health_path = "models"
 
     def __init__(self, *, drop_unsupported: bool = True) -> None:
         self.drop_unsupported = drop_unsupported
+        self.version: str | None = None
 
     def learn(self, body: bytes) -> None:
         """OpenAI needs no discovery."""

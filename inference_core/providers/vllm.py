@@ -32,7 +32,7 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 class VLLMProvider:
     name = "vllm"
-    discovery_path = "../version"
+    discovery_path: str | None = "../version"
     health_path = "../health"
 
     def __init__(self) -> None:

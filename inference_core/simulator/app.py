@@ -269,7 +269,7 @@ class Simulator:
 
     def _tool(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """The tool to call, when the request forces one."""
-        tools = body.get("tools") or []
+        tools: list[dict[str, Any]] = body.get("tools") or []
         choice = body.get("tool_choice")
         if not tools or choice in (None, "none", "auto"):
             return None
