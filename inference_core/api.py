@@ -27,6 +27,7 @@ from inference_core import openapi, protocol
 from inference_core.auth import GatewayKeys, parse_keys
 from inference_core.config import ConfigError, ProviderType, Settings, load_settings
 from inference_core.engine import Admission, Call, Engine, RateLimiter, RetryPolicy
+from inference_core.engine.replicas import Balancer, Replica
 from inference_core.errors import (
     ClientDisconnected,
     GatewayError,
@@ -242,8 +243,12 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Starlette
     ``tracer`` defaults to what the ``OTEL_*`` variables ask for (usually: no tracing).
     """
     tracer = tracer_from_environment() if tracer is None else tracer
-    transport = create_transport(
-        settings.upstream_root, max_connections=settings.max_connections, timeout=settings.timeout
+    replicas = [
+        Replica(index, root, create_transport(root, max_connections=settings.max_connections, timeout=settings.timeout))
+        for index, root in enumerate(settings.upstream_roots)
+    ]
+    balancer = Balancer(
+        replicas, settings.lb_policy, eject_after=settings.eject_after, stale_after=3 * settings.probe_interval
     )
     metrics = Metrics(configured_model=settings.model)
     rate_limiter = build_rate_limiter(settings)
@@ -254,7 +259,7 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Starlette
     )
     engine = Engine(
         build_provider(settings),
-        transport,
+        balancer,
         api_key=settings.api_key.get_secret_value(),
         default_model=settings.model,
         timeout=settings.timeout,
@@ -268,17 +273,19 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Starlette
         on_retry=metrics.retried,
         tracer=tracer,
     )
-    metrics.watch(admission, (lambda: rate_limiter.rate) if rate_limiter is not None else None)
+    metrics.watch(admission, balancer, (lambda: rate_limiter.rate) if rate_limiter is not None else None)
     health = HealthMonitor(engine, metrics, interval=settings.probe_interval, shutdown_grace=settings.shutdown_grace)
     routes = Routes(settings, engine, metrics, health)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await transport.start()
+        for replica in replicas:
+            await replica.transport.start()
         await health.start()
         yield
         await health.stop()
-        await transport.aclose()
+        for replica in replicas:
+            await replica.transport.aclose()
 
     middleware = [Middleware(RequestContext, metrics=metrics, tracer=tracer)]
     if settings.cors_origins:

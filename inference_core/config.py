@@ -9,10 +9,11 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError
+from pydantic import AnyHttpUrl, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "INFERENCE_"
+_URL = TypeAdapter(AnyHttpUrl)
 
 
 class ProviderType(StrEnum):
@@ -27,6 +28,13 @@ class LogLevel(StrEnum):
     ERROR = "error"
 
 
+class LBPolicy(StrEnum):
+    LEAST_OUTSTANDING = "least_outstanding"
+    ROUND_ROBIN = "round_robin"
+    LOAD_AWARE = "load_aware"
+    PREFIX_AFFINITY = "prefix_affinity"
+
+
 class LogFormat(StrEnum):
     JSON = "json"
     TEXT = "text"
@@ -38,8 +46,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     provider_type: ProviderType = Field(ProviderType.VLLM, description="Backend kind: vllm or openai.")
-    base_url: AnyHttpUrl = Field(
-        AnyHttpUrl("http://localhost:8000/v1"), description="Backend API root, e.g. http://vllm:8000/v1."
+    base_url: str = Field(
+        "http://localhost:8000/v1",
+        description="Backend API root, e.g. http://vllm:8000/v1; several replicas: comma-separated.",
     )
     api_key: SecretStr = Field(SecretStr("EMPTY"), description="Key sent to the backend (never logged).")
     model: str = Field("default-model", min_length=1, description="Model used when a request names none.")
@@ -88,11 +97,28 @@ class Settings(BaseSettings):
     shutdown_grace: Annotated[float, Field(ge=0)] = Field(
         30.0, description="Seconds in-flight requests may take to finish after SIGTERM."
     )
+    lb_policy: LBPolicy = Field(
+        LBPolicy.LEAST_OUTSTANDING,
+        description="Spreading over replicas: least_outstanding, round_robin, load_aware or prefix_affinity.",
+    )
+    eject_after: Annotated[int, Field(ge=1)] = Field(
+        3, description="Consecutive failures (probes or requests) that take a replica out of rotation."
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _urls(cls, value: str) -> str:
+        roots = [part.strip() for part in value.split(",") if part.strip()]
+        if not roots:
+            raise ValueError("no URL given")
+        for root in roots:
+            _URL.validate_python(root)
+        return ",".join(roots)
 
     @property
-    def upstream_root(self) -> str:
-        """The backend URL without a trailing slash, ready for ``+ "/chat/completions"``."""
-        return str(self.base_url).rstrip("/")
+    def upstream_roots(self) -> tuple[str, ...]:
+        """Each replica's API root, without a trailing slash."""
+        return tuple(root.rstrip("/") for root in self.base_url.split(","))
 
 
 class ConfigError(Exception):
@@ -118,7 +144,4 @@ def describe(exc: ValidationError) -> str:
 
 
 def _accepts(field: str) -> str:
-    info = Settings.model_fields.get(field)
-    if info is None:
-        return ""
-    return " (accepts: an http:// or https:// URL)" if info.annotation is AnyHttpUrl else ""
+    return " (accepts: an http:// or https:// URL, or several separated by commas)" if field == "base_url" else ""

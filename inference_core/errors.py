@@ -11,7 +11,8 @@
     ├── Overloaded                    503 with Retry-After: the gateway cannot take more
     │   ├── QueueFull                 the queue holds INFERENCE_QUEUE_SIZE requests already
     │   ├── QueueTimeout              waited longer than INFERENCE_QUEUE_TIMEOUT
-    │   └── Draining                  shutting down: no new work
+    │   ├── Draining                  shutting down: no new work
+    │   └── NoHealthyBackend          every backend replica is down
     └── UpstreamError                 the backend failed us
         ├── BackendUnreachable        502: could not connect, or the connection broke
         ├── BadUpstreamResponse       502: the backend answered something unreadable
@@ -113,6 +114,10 @@ class QueueTimeout(Overloaded):
 
 class Draining(Overloaded):
     code = "draining"
+
+
+class NoHealthyBackend(Overloaded):
+    code = "no_healthy_backend"
 
 
 class UpstreamError(GatewayError):

@@ -17,10 +17,8 @@ import threading
 import time
 from typing import Any
 
-import orjson
-
-from inference_core.engine import Engine, Probe
-from inference_core.errors import GatewayError
+from inference_core.config import LBPolicy
+from inference_core.engine import Engine
 from inference_core.observability import Metrics
 
 log = logging.getLogger("inference_core")
@@ -34,22 +32,26 @@ class HealthMonitor:
         self.metrics = metrics
         self.interval = interval
         self.shutdown_grace = shutdown_grace
-        self.last: Probe | None = None
         self.last_at = 0.0
         self._task: asyncio.Task[None] | None = None
 
     # Probing.
 
     async def probe_once(self) -> None:
-        await self.engine.discover()
-        self.last = probe = await self.engine.probe()
+        """Probe every replica at once; learn the backend's version and, for load_aware, its load."""
+        balancer = self.engine.balancer
+        probes = await asyncio.gather(*(self.engine.probe(replica) for replica in balancer.replicas))
+        for replica, probe in zip(balancer.replicas, probes, strict=True):
+            replica.probed(probe.ok, probe.latency_ms)
+            if probe.ok:
+                replica.succeeded()
+                await self.engine.discover(replica)
+                self.metrics.learn_models(replica.models or ())
+            elif replica.failed(eject_after=balancer.eject_after):
+                log.warning("replica ejected", extra={"fields": {"replica": replica.name, "address": replica.address}})
+        if balancer.policy is LBPolicy.LOAD_AWARE:
+            await asyncio.gather(*(self.engine.scrape_load(r) for r in balancer.replicas if r.healthy))
         self.last_at = time.monotonic()
-        self.metrics.backend_up.set(1 if probe.ok else 0)
-        self.metrics.probe_latency.set(probe.latency_ms / 1000)
-        if probe.ok:
-            with contextlib.suppress(GatewayError, ValueError, TypeError, KeyError):
-                listed = orjson.loads(await self.engine.models("health-probe"))["data"]
-                self.metrics.learn_models(entry["id"] for entry in listed if isinstance(entry.get("id"), str))
 
     async def _run(self) -> None:
         while True:
@@ -70,8 +72,13 @@ class HealthMonitor:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def backend_alive(self) -> bool:
-        fresh = time.monotonic() - self.last_at <= STALE_AFTER_INTERVALS * self.interval
-        return self.last is not None and self.last.ok and fresh
+        """At least one replica is in rotation and answered its latest probe, recently."""
+        stale = STALE_AFTER_INTERVALS * self.interval
+        now = time.monotonic()
+        return any(
+            replica.healthy and replica.probe_ok and now - replica.probed_at <= stale
+            for replica in self.engine.balancer.replicas
+        )
 
     @property
     def draining(self) -> bool:
@@ -90,6 +97,7 @@ class HealthMonitor:
     def report(self) -> dict[str, Any]:
         admission = self.engine.admission
         provider = self.engine.provider
+        replicas = self.engine.balancer.replicas
         ok, reason = self.ready()
         return {
             "status": "ok" if ok else ("draining" if self.draining else "degraded"),
@@ -97,11 +105,11 @@ class HealthMonitor:
             "provider": provider.name,
             "model": self.engine.default_model,
             "backend": {
-                "reachable": self.last.ok if self.last else None,
-                "latency_ms": round(self.last.latency_ms, 2) if self.last else None,
-                "last_probe_age_s": round(time.monotonic() - self.last_at, 2) if self.last else None,
+                "reachable": any(replica.probe_ok for replica in replicas),
+                "healthy_replicas": sum(replica.healthy for replica in replicas),
                 "version": provider.version,
             },
+            "replicas": [replica.report() for replica in replicas],
             "queue": {"depth": admission.waiting, "capacity": admission.queue_size},
             "in_flight": admission.in_flight,
             "concurrency_limit": admission.max_in_flight,

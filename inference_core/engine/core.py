@@ -9,9 +9,11 @@ belong to the provider.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -19,16 +21,24 @@ from inference_core import sse
 from inference_core.engine import retry
 from inference_core.engine.admission import Admission
 from inference_core.engine.ratelimit import RateLimiter
-from inference_core.errors import BadUpstreamResponse, GatewayError, ModelNotFound, UpstreamStatusError
+from inference_core.engine.replicas import Balancer, Load, Replica
+from inference_core.errors import (
+    BadUpstreamResponse,
+    GatewayError,
+    ModelNotFound,
+    NoHealthyBackend,
+    UpstreamStatusError,
+)
 from inference_core.providers.base import Endpoint, Payload, Provider
 from inference_core.tracing import NO_TRACER, AttributeValue, Span, Tracer
-from inference_core.upstream import Transport, UpstreamResponse
+from inference_core.upstream import UpstreamResponse
 
 DROPPED_PARAMS_HEADER = "x-inference-dropped-params"
 QUEUE_MS_HEADER = "x-inference-queue-ms"
 RETRIES_HEADER = "x-inference-retries"
 PROBE_TIMEOUT_SECONDS = 5.0
 
+log = logging.getLogger("inference_core")
 _OPERATIONS = {Endpoint.CHAT: "chat", Endpoint.COMPLETIONS: "text_completion", Endpoint.EMBEDDINGS: "embeddings"}
 _REQUEST_ATTRIBUTES = (
     ("max_tokens", "gen_ai.request.max_tokens"),
@@ -108,6 +118,14 @@ class Stream:
 
 
 @dataclass(frozen=True, slots=True)
+class Sent:
+    """An upstream answer whose headers arrived, and the replica that gave it."""
+
+    response: UpstreamResponse
+    replica: Replica
+
+
+@dataclass(frozen=True, slots=True)
 class Probe:
     ok: bool
     latency_ms: float
@@ -126,12 +144,12 @@ def _relayed_headers(upstream: Mapping[str, str]) -> dict[str, str]:
 
 
 class Engine:
-    """Sends calls through one provider and transport, within the gateway's limits."""
+    """Sends calls through one provider to a balanced set of replicas, within the gateway's limits."""
 
     def __init__(
         self,
         provider: Provider,
-        transport: Transport,
+        balancer: Balancer,
         *,
         api_key: str,
         default_model: str,
@@ -143,7 +161,7 @@ class Engine:
         tracer: Tracer = NO_TRACER,
     ) -> None:
         self.provider = provider
-        self.transport = transport
+        self.balancer = balancer
         self.default_model = default_model
         self.timeout = timeout
         self.admission = admission
@@ -157,7 +175,7 @@ class Engine:
     def _headers(self, request_id: str) -> dict[str, str]:
         return {**self._auth, "Content-Type": "application/json", "X-Request-Id": request_id}
 
-    async def discover(self) -> None:
+    async def discover(self, replica: Replica) -> None:
         """Ask the backend what it is (e.g. vLLM's version decides how to translate), until it says.
 
         Called by the health monitor at start-up and with every probe, never on the request path.
@@ -166,7 +184,7 @@ class Engine:
         if path is None or self.discovered:
             return
         try:
-            response = await self.transport.request("GET", path, headers=self._auth, within=PROBE_TIMEOUT_SECONDS)
+            response = await replica.transport.request("GET", path, headers=self._auth, within=PROBE_TIMEOUT_SECONDS)
             body = await response.read()
             if response.status == 200:
                 self.provider.learn(body)
@@ -193,43 +211,72 @@ class Engine:
         """Start a stream; its slot is held until ``Stream.aclose``."""
         await self._admit(call)
         try:
-            response, headers, _ = await self._with_retries(call, stream=True)
+            sent, headers, _ = await self._with_retries(call, stream=True)
         except BaseException as error:
             self.admission.release()
             if isinstance(error, GatewayError):
                 error.headers.update(call.outcome.headers())
             raise
-        frames = sse.whole_frames(response.chunks())
-        return Stream(frames, headers | call.outcome.headers(), response, self.admission.release)
+
+        def release() -> None:
+            sent.replica.in_flight -= 1
+            self.admission.release()
+
+        frames = sse.whole_frames(sent.response.chunks())
+        return Stream(frames, headers | call.outcome.headers(), sent.response, release)
 
     async def _admit(self, call: Call) -> None:
         with self.tracer.span("queue", {"inference_core.priority": call.priority}):
             call.outcome.queued = await self.admission.acquire(call.priority)
 
-    async def _with_retries(self, call: Call, *, stream: bool) -> tuple[UpstreamResponse, dict[str, str], bytes | None]:
-        """Send until an attempt succeeds, the error is not worth retrying, or time runs out."""
+    def _prepare(self, call: Call) -> tuple[Payload, bytes, tuple[str, ...]]:
+        """The payload as the backend wants it, serialised once for every attempt."""
+        payload = call.payload
+        raw = call.raw
+        if "model" not in payload:
+            payload = {**payload, "model": self.default_model}
+            raw = None
+        translation = self.provider.translate(call.endpoint, payload)
+        if translation.changed or raw is None:
+            raw = orjson.dumps(translation.payload)
+        return translation.payload, raw, translation.dropped
+
+    async def _with_retries(self, call: Call, *, stream: bool) -> tuple[Sent, dict[str, str], bytes | None]:
+        """Send until an attempt succeeds, the error is not worth retrying, or time runs out.
+
+        Each attempt goes to a replica this call has not tried yet, where there is one.
+        """
         outcome = call.outcome
         deadline = time.monotonic() + self.timeout
         policy = self.retry_policy
+        payload, raw, dropped = self._prepare(call)
         name, attributes = self._span_details(call) if self.tracer.enabled else ("", {})
+        tried: list[Replica] = []
         while True:
             if self.rate_limiter is not None:
                 # Waiting for the rate limit is waiting in line: it counts as queue time.
                 waited = await self.rate_limiter.acquire(within=deadline - time.monotonic())
                 outcome.queued += waited
                 outcome.rate_limited += waited
+            replica = self.balancer.pick(payload, tried)
+            tried.append(replica)
             started = time.perf_counter()
+            replica.in_flight += 1
+            replica.requests += 1
             try:
                 with self.tracer.span(name, attributes, kind="client") as span:
-                    result = await self._attempt(call, deadline - time.monotonic(), span, stream=stream)
+                    span.set("server.address", replica.address)
+                    result = await self._attempt(call, replica, raw, deadline - time.monotonic(), span, stream=stream)
             except GatewayError as error:
+                replica.in_flight -= 1
                 outcome.upstream += time.perf_counter() - started
                 why = retry.reason(error)
                 outcome.upstream_errors.append(why or _failure_kind(error))
+                self._blame(replica, error)
                 asked = error.retry_after if isinstance(error, UpstreamStatusError) else None
                 if why == "429" and self.rate_limiter is not None:
                     self.rate_limiter.throttled(asked)
-                if why is None or outcome.retries >= policy.max_retries:
+                if why is None or outcome.retries >= policy.max_retries or not self.balancer.healthy():
                     raise
                 delay = policy.delay(outcome.retries, asked)
                 if time.monotonic() + delay >= deadline:
@@ -239,27 +286,40 @@ class Engine:
                 await asyncio.sleep(delay)
                 outcome.backoff += delay
                 outcome.retries += 1
+            except BaseException:
+                replica.in_flight -= 1
+                raise
             else:
+                if not stream:
+                    replica.in_flight -= 1
+                replica.succeeded()
                 outcome.upstream += time.perf_counter() - started
                 if self.rate_limiter is not None:
                     self.rate_limiter.succeeded()
-                return result
+                sent, headers, body = result
+                if dropped:
+                    headers[DROPPED_PARAMS_HEADER] = ",".join(dropped)
+                return sent, headers, body
+
+    def _blame(self, replica: Replica, error: GatewayError) -> None:
+        """Failures that say the replica is unwell (not the request) count toward its ejection.
+
+        A request's failures never take the last replica in rotation out: one request's 500 says
+        too little for that. Only failing health probes do (see ``HealthMonitor``).
+        """
+        replica.errors += 1
+        unwell = not isinstance(error, UpstreamStatusError) or error.status >= 500
+        others = len(self.balancer.healthy()) > 1
+        if unwell and others and replica.failed(eject_after=self.balancer.eject_after):
+            log.warning("replica ejected", extra={"fields": {"replica": replica.name, "address": replica.address}})
 
     async def _attempt(
-        self, call: Call, within: float, span: Span, *, stream: bool
-    ) -> tuple[UpstreamResponse, dict[str, str], bytes | None]:
-        """One upstream attempt: translate, send, and (unless streaming) read and check the body."""
-        payload = call.payload
-        raw = call.raw
-        if "model" not in payload:
-            payload = {**payload, "model": self.default_model}
-            raw = None
-        translation = self.provider.translate(call.endpoint, payload)
-        if translation.changed or raw is None:
-            raw = orjson.dumps(translation.payload)
+        self, call: Call, replica: Replica, raw: bytes, within: float, span: Span, *, stream: bool
+    ) -> tuple[Sent, dict[str, str], bytes | None]:
+        """One upstream attempt: send, and (unless streaming) read and check the body."""
         request_headers = self._headers(call.request_id)
         self.tracer.inject(request_headers)
-        response = await self.transport.request(
+        response = await replica.transport.request(
             "POST",
             call.endpoint.value,
             headers=request_headers,
@@ -271,10 +331,8 @@ class Engine:
         if response.status >= 400:
             raise self._upstream_error(response, await response.read())
         headers = _relayed_headers(response.headers)
-        if translation.dropped:
-            headers[DROPPED_PARAMS_HEADER] = ",".join(translation.dropped)
         if stream:
-            return response, headers, None
+            return Sent(response, replica), headers, None
         body = await response.read()
         try:
             parsed = orjson.loads(body)
@@ -287,7 +345,7 @@ class Engine:
             span.set("gen_ai.response.model", outcome.model)
             span.set("gen_ai.usage.input_tokens", outcome.prompt_tokens)
             span.set("gen_ai.usage.output_tokens", outcome.completion_tokens)
-        return response, headers, body
+        return Sent(response, replica), headers, body
 
     def _span_details(self, call: Call) -> tuple[str, dict[str, AttributeValue]]:
         """An upstream attempt's span name and OpenTelemetry GenAI attributes."""
@@ -314,33 +372,88 @@ class Engine:
 
     # Side doors: models and health, outside the queue.
 
-    async def models(self, request_id: str) -> bytes:
-        response = await self.transport.request("GET", "models", headers={**self._auth, "X-Request-Id": request_id})
+    async def _get(self, replica: Replica, path: str, request_id: str) -> bytes:
+        headers = {**self._auth, "X-Request-Id": request_id}
+        response = await replica.transport.request("GET", path, headers=headers, within=PROBE_TIMEOUT_SECONDS)
         body = await response.read()
         if response.status >= 400:
             raise self._upstream_error(response, body)
         return body
 
+    async def models(self, request_id: str) -> bytes:
+        """The backend's model list; with several replicas, the union of theirs."""
+        replicas = self.balancer.healthy()
+        if not replicas:
+            raise NoHealthyBackend("No healthy backend replica can list models right now.")
+        if len(self.balancer.replicas) == 1:
+            return await self._get(replicas[0], "models", request_id)  # relayed as the backend wrote it
+        answers = await asyncio.gather(*(self._get(r, "models", request_id) for r in replicas), return_exceptions=True)
+        merged: dict[str, object] = {}
+        for answer in answers:
+            for entry in _model_entries(answer):
+                merged.setdefault(entry["id"], entry)
+        if not merged and isinstance(answers[0], GatewayError):
+            raise answers[0]
+        return orjson.dumps({"object": "list", "data": list(merged.values())})
+
     async def model(self, model_id: str, request_id: str) -> bytes:
         """One model from the backend's list: vLLM has no retrieve endpoint, and ids hold slashes."""
-        try:
-            listed = orjson.loads(await self.models(request_id))["data"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            raise BadUpstreamResponse("The backend's model list is malformed.") from None
-        for entry in listed:
-            if isinstance(entry, dict) and entry.get("id") == model_id:
+        for entry in _model_entries(await self.models(request_id)):
+            if entry["id"] == model_id:
                 return orjson.dumps(entry)
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
 
-    async def probe(self) -> Probe:
-        """Is the backend answering? Used by the health checks."""
+    async def probe(self, replica: Replica) -> Probe:
+        """Is this replica answering? Also learns the models it serves."""
         started = time.perf_counter()
         try:
-            response = await self.transport.request(
-                "GET", self.provider.health_path, headers=self._auth, within=PROBE_TIMEOUT_SECONDS
-            )
-            await response.read()
-            ok = response.status < 400
+            await self._get(replica, self.provider.health_path, "health-probe")
+            ok = True
         except GatewayError:
             ok = False
-        return Probe(ok, (time.perf_counter() - started) * 1000)
+        latency = (time.perf_counter() - started) * 1000
+        if ok:
+            try:
+                listed = _model_entries(await self._get(replica, "models", "health-probe"))
+                replica.models = frozenset(entry["id"] for entry in listed)
+            except GatewayError:
+                pass
+        return Probe(ok, latency)
+
+    async def scrape_load(self, replica: Replica) -> None:
+        """Read a vLLM replica's own queue figures from its ``/metrics``."""
+        try:
+            text = (await self._get(replica, "../metrics", "load-scrape")).decode(errors="replace")
+        except GatewayError:
+            return
+        figures = dict.fromkeys(_LOAD_GAUGES.values(), 0.0)
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in _LOAD_GAUGES:
+                try:
+                    figures[_LOAD_GAUGES[name]] += float(line.rsplit(" ", 1)[1])
+                except (IndexError, ValueError):
+                    continue
+        replica.load = Load(figures["waiting"], figures["running"], figures["kv_cache"], time.monotonic())
+
+
+_LOAD_GAUGES = {
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:num_requests_running": "running",
+    "vllm:kv_cache_usage_perc": "kv_cache",
+}
+
+
+def _model_entries(answer: object) -> list[dict[str, Any]]:
+    """The entries of a ``/models`` body that have an id; nothing for an error or a malformed body."""
+    if not isinstance(answer, bytes):
+        return []
+    try:
+        data = orjson.loads(answer).get("data")
+    except (orjson.JSONDecodeError, AttributeError):
+        return []
+    return (
+        [entry for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
+        if isinstance(data, list)
+        else []
+    )

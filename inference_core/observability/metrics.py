@@ -9,11 +9,13 @@ scale out with replicas rather than uvicorn workers (which would each have their
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from inference_core.engine import Admission, RetryEvent
+from inference_core.engine.replicas import Balancer
 
 #: The largest number of distinct model names used as label values.
 MAX_MODEL_LABELS = 64
@@ -75,11 +77,10 @@ class Metrics:
         self.concurrency_limit = gauge("concurrency_limit", "Slots: INFERENCE_MAX_CONCURRENT_TASKS.")
         self.rate_limit = gauge("rate_limit_rps", "The adaptive upstream rate limit in force (0: no limit).")
         self.rate_limited = counter("rate_limit_waits", "Upstream sends that waited for the rate limit.")
-        self.backend_up = gauge("backend_up", "1 if the last health probe of the backend succeeded.")
-        self.probe_latency = gauge("backend_probe_seconds", "Duration of the last backend health probe.")
 
-    def watch(self, admission: Admission, rate: Callable[[], float] | None) -> None:
+    def watch(self, admission: Admission, balancer: Balancer, rate: Callable[[], float] | None) -> None:
         """Gauges read at scrape time, so the request path pays nothing for them."""
+        self.registry.register(ReplicaCollector(balancer))
         self.queue_depth.set_function(lambda: admission.waiting)
         self.in_flight.set_function(lambda: admission.in_flight)
         self.concurrency_limit.set_function(lambda: admission.max_in_flight)
@@ -97,3 +98,43 @@ class Metrics:
 
     def retried(self, event: RetryEvent) -> None:
         self.retries.labels(event.reason).inc()
+
+
+class ReplicaCollector:
+    """Per-replica figures, read from the replicas themselves when Prometheus scrapes."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+
+    def collect(self) -> Iterator[Metric]:
+        replicas = self.balancer.replicas
+        up = GaugeMetricFamily("inference_core_backend_up", "1 while at least one replica is in rotation.")
+        up.add_metric([], 1 if any(r.healthy for r in replicas) else 0)
+        yield up
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("replica",)) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"inference_core_replica_{name}", doc, labels=labels)
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"inference_core_replica_{name}", doc, labels=["replica"])
+
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "healthy": gauge("up", "1 while the replica is in rotation."),
+            "in_flight": gauge("in_flight", "Requests at the replica now."),
+            "requests": counter("requests", "Attempts sent to the replica."),
+            "errors": counter("errors", "Failed attempts at the replica."),
+            "ejections": counter("ejections", "Times the replica was taken out of rotation."),
+        }
+        probe = gauge("probe_seconds", "Duration of the replica's last health probe.")
+        load = gauge("load", "Load the replica reported (load_aware): waiting, running, kv_cache.", ("replica", "kind"))
+        for replica in replicas:
+            for attribute, family in families.items():
+                family.add_metric([replica.name], float(getattr(replica, attribute)))
+            if replica.probe_ms is not None:
+                probe.add_metric([replica.name], replica.probe_ms / 1000)
+            if replica.load is not None:
+                for kind in ("waiting", "running", "kv_cache"):
+                    load.add_metric([replica.name, kind], getattr(replica.load, kind))
+        yield from families.values()
+        yield probe
+        yield load

@@ -1,0 +1,167 @@
+"""Replicas of one backend, their health, and how a request picks one.
+
+Each replica has its own connection pool, in-flight count and health. Failures (a probe, a
+refused connection, a 5xx, a timeout) count up; ``eject_after`` in a row take the replica out
+of rotation for a cooldown that doubles each time it is ejected again soon after coming back
+(1 s, 2 s, 4 s ... 60 s). A successful probe after the cooldown brings it back. Requests'
+failures never eject the last replica in rotation; failing probes do.
+
+Policies (``INFERENCE_LB_POLICY``):
+
+- ``least_outstanding``: the less busy of two replicas drawn at random (power of two choices).
+- ``round_robin``: each in turn.
+- ``load_aware``: the lowest score from the replica's own ``/metrics`` (2 x waiting + running +
+  KV-cache use), scraped with every probe; stale or missing figures fall back to in-flight count.
+- ``prefix_affinity``: the same prompt prefix (or ``user``) goes to the same replica, by
+  rendezvous hashing, so its prefix cache hits; a replica busier than the least busy by more
+  than ``AFFINITY_SLACK`` requests is passed over, so one hot prefix cannot swamp it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from inference_core.config import LBPolicy
+from inference_core.errors import NoHealthyBackend
+from inference_core.providers.base import Payload
+from inference_core.upstream import Transport
+
+MAX_COOLDOWN_SECONDS = 60.0
+#: Ejected again within this long of coming back counts as "repeated": the cooldown doubles.
+REPEAT_WINDOW_SECONDS = 60.0
+AFFINITY_SLACK = 4
+PREFIX_CHARS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What a vLLM replica said about itself, and when."""
+
+    waiting: float
+    running: float
+    kv_cache: float
+    at: float
+
+    def score(self) -> float:
+        return 2 * self.waiting + self.running + self.kv_cache
+
+
+class Replica:
+    def __init__(self, index: int, root: str, transport: Transport) -> None:
+        parts = urlsplit(root)
+        #: A bounded, secret-free label (never the URL, which may carry credentials).
+        self.name = f"r{index}"
+        self.address = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        self.transport = transport
+        self.in_flight = 0
+        self.requests = 0
+        self.errors = 0
+        self.ejections = 0
+        self.healthy = True
+        self.failures = 0
+        self.ejected_until = 0.0
+        self._readmitted_at = -REPEAT_WINDOW_SECONDS
+        self._strikes = 0
+        self.models: frozenset[str] | None = None
+        self.load: Load | None = None
+        self.probe_ok: bool | None = None
+        self.probe_ms: float | None = None
+        self.probed_at = 0.0
+
+    def serves(self, model: object) -> bool:
+        return self.models is None or model is None or model in self.models
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+    def failed(self, *, eject_after: int) -> bool:
+        """Count a failure; returns True if it ejected the replica."""
+        self.failures += 1
+        if not self.healthy or self.failures < eject_after:
+            return False
+        now = time.monotonic()
+        self._strikes = self._strikes + 1 if now - self._readmitted_at < REPEAT_WINDOW_SECONDS else 1
+        self.healthy = False
+        self.ejections += 1
+        self.ejected_until = now + min(MAX_COOLDOWN_SECONDS, 2.0 ** (self._strikes - 1))
+        return True
+
+    def probed(self, ok: bool, latency_ms: float) -> None:
+        self.probe_ok, self.probe_ms, self.probed_at = ok, latency_ms, time.monotonic()
+        if ok and not self.healthy and self.probed_at >= self.ejected_until:
+            self.healthy, self.failures, self._readmitted_at = True, 0, self.probed_at
+
+    def report(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "address": self.address,
+            "healthy": self.healthy,
+            "in_flight": self.in_flight,
+            "last_probe": {
+                "ok": self.probe_ok,
+                "latency_ms": None if self.probe_ms is None else round(self.probe_ms, 2),
+                "age_s": round(time.monotonic() - self.probed_at, 2) if self.probe_ok is not None else None,
+            },
+            "load": None if self.load is None else {"waiting": self.load.waiting, "running": self.load.running,
+                                                    "kv_cache": self.load.kv_cache},
+        }  # fmt: skip
+
+
+def _prefix_key(payload: Payload) -> bytes:
+    user = payload.get("user")
+    if isinstance(user, str) and user:
+        return b"user:" + user.encode()
+    source = payload.get("messages") or payload.get("prompt") or payload.get("input") or ""
+    return repr(source)[:PREFIX_CHARS].encode(errors="replace")
+
+
+def _weight(key: bytes, replica: Replica) -> bytes:
+    return hashlib.blake2b(key + replica.name.encode(), digest_size=8).digest()
+
+
+class Balancer:
+    """Picks a healthy replica that serves the model, by policy."""
+
+    def __init__(self, replicas: Sequence[Replica], policy: LBPolicy, *, eject_after: int, stale_after: float) -> None:
+        self.replicas = list(replicas)
+        self.policy = policy
+        self.eject_after = eject_after
+        self.stale_after = stale_after
+        self._turn = itertools.count()
+
+    def healthy(self) -> list[Replica]:
+        return [replica for replica in self.replicas if replica.healthy]
+
+    def pick(self, payload: Payload, tried: Iterable[Replica] = ()) -> Replica:
+        """A replica for ``payload``, preferring ones this call has not tried yet."""
+        model = payload.get("model")
+        healthy = self.healthy()
+        # A model no replica lists goes anywhere: the backend's own 404 is the right answer.
+        candidates = [replica for replica in healthy if replica.serves(model)] or healthy
+        fresh = [replica for replica in candidates if replica not in tried]
+        candidates = fresh or candidates
+        if not candidates:
+            raise NoHealthyBackend("No healthy backend replica can serve this request right now.")
+        if len(candidates) == 1:
+            return candidates[0]
+        if self.policy is LBPolicy.ROUND_ROBIN:
+            return candidates[next(self._turn) % len(candidates)]
+        if self.policy is LBPolicy.PREFIX_AFFINITY:
+            key = _prefix_key(payload)
+            preferred = max(candidates, key=lambda replica: _weight(key, replica))
+            least = min(replica.in_flight for replica in candidates)
+            if preferred.in_flight <= least + AFFINITY_SLACK:
+                return preferred
+            return min(candidates, key=lambda replica: replica.in_flight)
+        if self.policy is LBPolicy.LOAD_AWARE:
+            now = time.monotonic()
+            if all(r.load is not None and now - r.load.at <= self.stale_after for r in candidates):
+                return min(candidates, key=lambda replica: (replica.load.score(), replica.in_flight))  # type: ignore[union-attr]
+        first, second = random.sample(candidates, 2)
+        return first if first.in_flight <= second.in_flight else second
