@@ -48,6 +48,7 @@ def _simulator_parser() -> argparse.ArgumentParser:
     parser.add_argument("--itl", type=float, default=0.0, help="seconds between stream tokens")
     parser.add_argument("--dimensions", type=int, default=384, help="embedding size")
     parser.add_argument("--fault", default="", help="faults for every request, as in the x-sim-fault header")
+    parser.add_argument("--reported-waiting", type=int, default=0, help="queue depth to report at /metrics")
     return parser
 
 
@@ -58,6 +59,7 @@ def simulate(argv: Sequence[str]) -> None:
     config = SimulatorConfig(
         mode=args.mode, model=args.model, lora=tuple(args.lora), vllm_version=args.vllm_version,
         ttft=args.ttft, itl=args.itl, dimensions=args.dimensions, fault=args.fault,
+        reported_waiting=args.reported_waiting,
     )  # fmt: skip
     uvicorn.run(create_simulator(config), host=args.host, port=args.port, log_level="warning", access_log=False)
 

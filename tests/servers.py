@@ -86,11 +86,11 @@ def start_simulator(log_dir: Path, *args: str, port: int | None = None) -> Serve
 
 
 def start_gateway(log_dir: Path, backend_url: str, env: dict[str, str] | None = None, **settings: str) -> Server:
-    """A gateway in front of ``backend_url``; ``settings`` are INFERENCE_* variables, lower-case."""
+    """A gateway in front of ``backend_url`` (several: comma-separated); ``settings`` are INFERENCE_* variables."""
     port = free_port()
     env = {
         **(env or {}),
-        "INFERENCE_BASE_URL": backend_url + "/v1",
+        "INFERENCE_BASE_URL": ",".join(url + "/v1" for url in backend_url.split(",")),
         "INFERENCE_MODEL": "meta-llama/Meta-Llama-3-8B-Instruct",
         "INFERENCE_PORT": str(port),
         "INFERENCE_HOST": "127.0.0.1",

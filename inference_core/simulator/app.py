@@ -65,6 +65,8 @@ class SimulatorConfig:
     itl: float = 0.0
     dimensions: int = 384
     fault: str = ""
+    #: Added to ``vllm:num_requests_waiting`` at /metrics, to fake a busy server.
+    reported_waiting: int = 0
 
 
 @dataclass
@@ -121,6 +123,8 @@ class Simulator:
         self.stats = Stats()
         self.vllm = config.mode == "vllm"
         self.honours_guided = self.vllm and _version(config.vllm_version) < (0, 12)
+        #: Requests being answered now (streams count until their response is returned).
+        self.running = 0
 
     # Errors, in each backend's own shape.
 
@@ -178,11 +182,14 @@ class Simulator:
             if "malformed" in faults:
                 return Response(b'{"id": "broken", "choices": [', media_type="application/json")
             if request.method == "POST":
+                self.running += 1
                 try:
                     return await self.generate(path, body, faults)
                 except (TypeError, ValueError, KeyError, AttributeError, IndexError, orjson.JSONDecodeError):
                     # What a real server rejects as a bad request, not a crash.
                     raise self.error(400, "The request could not be processed.") from None
+                finally:
+                    self.running -= 1
             return self.describe(path)
         except SimulatedError as exc:
             return _json(exc.body, exc.status, exc.headers)
@@ -214,10 +221,13 @@ class Simulator:
         if path == "/health":
             return Response(b"")
         if path == "/metrics":
-            return Response(
-                b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0\n",
-                media_type="text/plain",
+            labels = f'{{model_name="{self.config.model}"}}'
+            text = (
+                f"vllm:num_requests_running{labels} {self.running}\n"
+                f"vllm:num_requests_waiting{labels} {self.config.reported_waiting}\n"
+                f"vllm:kv_cache_usage_perc{labels} 0.0\n"
             )
+            return Response(text.encode(), media_type="text/plain")
         raise self.error(404, "Not Found")
 
     def _check(self, body: Any, known: frozenset[str]) -> None:
