@@ -100,16 +100,27 @@ def _serve(vllm_python: Path, model: str | Path, args: list[str], log_dir: Path)
     return server
 
 
-@pytest.fixture(scope="session")
-def vllm_chat(vllm_python: Path, tiny_model: Path, log_dir: Path) -> Iterator[Server]:
-    args = [
+def _chat_args(tiny_model: Path) -> list[str]:
+    return [
         "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "1024",
         "--max-num-seqs", "1", "--enforce-eager", "--scheduling-policy", "priority",
         "--enable-lora", "--lora-modules", f"{LORA}={tiny_model / 'lora'}",
         "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
         "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
     ]  # fmt: skip
-    server = _serve(vllm_python, tiny_model / "model", args, log_dir)
+
+
+@pytest.fixture(scope="session")
+def vllm_chat(vllm_python: Path, tiny_model: Path, log_dir: Path) -> Iterator[Server]:
+    server = _serve(vllm_python, tiny_model / "model", _chat_args(tiny_model), log_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm_chat_replica(vllm_python: Path, tiny_model: Path, log_dir: Path) -> Iterator[Server]:
+    """A second chat replica, for failover (the failover test stops it)."""
+    server = _serve(vllm_python, tiny_model / "model", _chat_args(tiny_model), log_dir)
     yield server
     server.stop()
 

@@ -1,0 +1,44 @@
+"""Two real vLLM replicas behind one gateway: stopping one mid-traffic loses no request."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import Server, start_gateway
+from tests.vllm.conftest import MODEL
+
+pytestmark = pytest.mark.vllm
+
+
+def test_failover_when_a_replica_stops(vllm_chat: Server, vllm_chat_replica: Server, log_dir: Path) -> None:
+    urls = f"{vllm_chat.url},{vllm_chat_replica.url}"
+    gateway = start_gateway(log_dir, urls, model=MODEL, probe_interval="0.5", eject_after="2")
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+        with httpx.Client(base_url=gateway.url, timeout=60) as client:
+            while not stop.is_set():
+                statuses.append(client.post("/v1/chat/completions", json=body).status_code)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(traffic) for _ in range(2)]
+            time.sleep(2)
+            vllm_chat_replica.stop()
+            time.sleep(4)
+            stop.set()
+            for future in running:
+                future.result()
+        replicas = httpx.get(gateway.url + "/health").json()["replicas"]
+    finally:
+        gateway.stop()
+    assert len(statuses) > 20 and set(statuses) == {200}, statuses
+    assert [replica["healthy"] for replica in replicas] == [True, False]
