@@ -197,3 +197,10 @@ def test_backend_restart_while_requests_are_queued(spawn: Spawn, log_dir: Path) 
 
 def _post_slow(gateway: Server) -> httpx.Response:
     return httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(sim_fault="delay=0.3"), timeout=30)
+
+
+def test_huge_response_is_relayed_whole(http: httpx.Client, gateway: Server) -> None:
+    response = http.post("/v1/chat/completions", json=chat_body(sim_fault="huge=20"))
+    assert response.status_code == 200
+    assert len(response.json()["choices"][0]["message"]["content"]) == 20 * 1024 * 1024
+    _healthy_afterwards(gateway, gateway)

@@ -5,7 +5,8 @@ Faults are asked for per request with the ``x-sim-fault`` header or a ``sim_faul
 ``SimulatorConfig.fault``: comma-separated ``status=503``, ``retry_after=2``, ``delay=1.5``
 (seconds before answering), ``reset_after=3`` (drop the connection after 3 stream chunks),
 ``malformed`` (invalid JSON), ``no_done`` (stream without ``[DONE]``), ``ttft=0.5``, ``itl=0.02``,
-and ``times=N`` (only the first N requests asking for this exact fault string get it).
+``huge=N`` (a completion of about N MB), and ``times=N`` (only the first N requests asking for
+this exact fault string get it).
 ``GET /_sim/stats`` tells what it saw; ``POST /_sim/reset`` forgets it.
 """
 
@@ -179,6 +180,12 @@ class Simulator:
                 status = int(faults["status"])
                 headers = {"retry-after": faults["retry_after"]} if "retry_after" in faults else {}
                 raise SimulatedError(status, self.error(status, f"Simulated failure {status}.").body, headers)
+            if "huge" in faults:
+                # A valid completion carrying about N megabytes, to test how big answers are relayed.
+                padding = "x" * int(float(faults["huge"]) * 1024 * 1024)
+                return _json({"id": "huge", "object": "chat.completion", "created": 0, "model": self.config.model,
+                              "choices": [{"index": 0, "message": {"role": "assistant", "content": padding},
+                                           "finish_reason": "stop", "logprobs": None}]})  # fmt: skip
             if "malformed" in faults:
                 return Response(b'{"id": "broken", "choices": [', media_type="application/json")
             if request.method == "POST":
