@@ -21,7 +21,7 @@ import time
 
 import aiohttp
 import orjson
-from processes import MODEL, free_port, peak_rss_mb, start
+from processes import MODEL, free_port, gateway_settings, peak_rss_mb, start
 
 
 def percentiles(values: list[float]) -> str:
@@ -93,19 +93,17 @@ def main() -> None:
 
     sim_port, gw_port = free_port(), free_port()
     simulator = start(["simulate", "--port", str(sim_port)], {}, f"http://127.0.0.1:{sim_port}/health")
-    settings = {
-        "INFERENCE_BASE_URL": f"http://127.0.0.1:{sim_port}/v1",
-        "INFERENCE_MODEL": MODEL,
-        "INFERENCE_PORT": str(gw_port),
-        "INFERENCE_HOST": "127.0.0.1",
-        "INFERENCE_LOG_LEVEL": "warning",
+    slots = str(max(args.in_flight, args.streams))
+    settings = gateway_settings(
+        sim_port,
+        gw_port,
         # HTTP/1.1: every stream in flight needs its own upstream connection.
-        "INFERENCE_MAX_CONNECTIONS": str(max(args.in_flight, args.streams)),
-        "INFERENCE_MAX_CONCURRENT_TASKS": str(max(args.in_flight, args.streams)),
-        "INFERENCE_QUEUE_SIZE": str(args.queued + args.in_flight),
-        "INFERENCE_QUEUE_TIMEOUT": "600",
-        "INFERENCE_TIMEOUT": "600",
-    }
+        max_connections=slots,
+        max_concurrent_tasks=slots,
+        queue_size=str(args.queued + args.in_flight),
+        queue_timeout="600",
+        timeout="600",
+    )
     gateway = start([], settings, f"http://127.0.0.1:{gw_port}/health/live")
     url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
     try:

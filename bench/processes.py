@@ -39,6 +39,18 @@ def start(args: list[str], env: dict[str, str], ready: str, *, core: int | None 
     raise RuntimeError(f"{args} did not start")
 
 
+def gateway_settings(backend_port: int, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a quiet gateway on ``port`` in front of a simulator on ``backend_port``."""
+    return {
+        "INFERENCE_BASE_URL": f"http://127.0.0.1:{backend_port}/v1",
+        "INFERENCE_MODEL": MODEL,
+        "INFERENCE_PORT": str(port),
+        "INFERENCE_HOST": "127.0.0.1",
+        "INFERENCE_LOG_LEVEL": "warning",
+        **{f"INFERENCE_{name.upper()}": value for name, value in extra.items()},
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -20,7 +20,7 @@ from collections import Counter
 
 import aiohttp
 import orjson
-from processes import MODEL, free_port, open_fds, rss_mb, start
+from processes import MODEL, free_port, gateway_settings, open_fds, rss_mb, start
 
 #: RSS may grow this much over the second half before the run counts as leaking.
 RSS_SLACK_MB = 15
@@ -124,14 +124,7 @@ def main() -> None:
     simulator = start(
         ["simulate", "--port", str(sim_port), "--itl", "0.002"], {}, f"http://127.0.0.1:{sim_port}/health"
     )
-    settings = {
-        "INFERENCE_BASE_URL": f"http://127.0.0.1:{sim_port}/v1",
-        "INFERENCE_MODEL": MODEL,
-        "INFERENCE_PORT": str(gw_port),
-        "INFERENCE_HOST": "127.0.0.1",
-        "INFERENCE_LOG_LEVEL": "warning",
-        "INFERENCE_RETRY_BASE_DELAY": "0.01",
-    }
+    settings = gateway_settings(sim_port, gw_port, retry_base_delay="0.01")
     gateway = start([], settings, f"http://127.0.0.1:{gw_port}/health/live")
     try:
         code = asyncio.run(run(f"http://127.0.0.1:{gw_port}/v1/chat/completions", gateway.pid, args))

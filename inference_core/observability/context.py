@@ -40,11 +40,12 @@ class RequestRecord:
     client_left: bool = False
     error: str | None = None
 
-    def event_sent(self, now: float, gaps: Metrics) -> None:
-        if self.first_event is None:
+    def event_sent(self, now: float, metrics: Metrics) -> None:
+        """A stream event went out: the first sets time to first token, the rest the gaps."""
+        if self.last_event is None:
             self.first_event = now
         else:
-            gaps.gaps.observe(now - self.last_event)  # type: ignore[operator]
+            metrics.gaps.observe(now - self.last_event)
         self.last_event = now
 
 
