@@ -46,7 +46,7 @@ from inference_core.responses import EventStreamResponse, JSONBytes, unless_disc
 from inference_core.tracing import Tracer, tracer_from_environment
 from inference_core.upstream import create_transport
 
-_SCHEMAS: dict[Endpoint, type[protocol._Open]] = {
+_SCHEMAS: dict[Endpoint, type[protocol.OpenModel]] = {
     Endpoint.CHAT: protocol.ChatCompletionRequest,
     Endpoint.COMPLETIONS: protocol.CompletionRequest,
     Endpoint.EMBEDDINGS: protocol.EmbeddingRequest,

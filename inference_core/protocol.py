@@ -19,23 +19,23 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_leng
 Prompt = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
 
 
-class _Open(BaseModel):
+class OpenModel(BaseModel):
     """A wire object that may carry fields we do not know (they are forwarded)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
 
-class StreamOptions(_Open):
+class StreamOptions(OpenModel):
     include_usage: bool | None = None
 
 
-class ChatMessage(_Open):
+class ChatMessage(OpenModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
 
-class _Sampling(_Open):
+class _Sampling(OpenModel):
     """Fields common to chat and text completions, OpenAI's first, then vLLM's extensions."""
 
     model: str | None = Field(None, description="Defaults to INFERENCE_MODEL.")
@@ -85,7 +85,7 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
 
 
-class EmbeddingRequest(_Open):
+class EmbeddingRequest(OpenModel):
     model: str | None = Field(None, description="Defaults to INFERENCE_MODEL.")
     input: Prompt
     encoding_format: Literal["float", "base64"] | None = None
@@ -97,20 +97,20 @@ class EmbeddingRequest(_Open):
 # Responses (documentation only: bodies are relayed as the backend wrote them).
 
 
-class Usage(_Open):
+class Usage(OpenModel):
     prompt_tokens: int
     completion_tokens: int | None = None
     total_tokens: int
 
 
-class ChatChoice(_Open):
+class ChatChoice(OpenModel):
     index: int
     message: dict[str, Any]
     finish_reason: str | None
     logprobs: dict[str, Any] | None = None
 
 
-class ChatCompletion(_Open):
+class ChatCompletion(OpenModel):
     id: str
     object: Literal["chat.completion"]
     created: int
@@ -119,7 +119,7 @@ class ChatCompletion(_Open):
     usage: Usage | None = None
 
 
-class ChatCompletionChunk(_Open):
+class ChatCompletionChunk(OpenModel):
     """One ``data:`` event of a chat stream."""
 
     id: str
@@ -130,7 +130,7 @@ class ChatCompletionChunk(_Open):
     usage: Usage | None = None
 
 
-class Completion(_Open):
+class Completion(OpenModel):
     id: str
     object: Literal["text_completion"]
     created: int
@@ -139,27 +139,27 @@ class Completion(_Open):
     usage: Usage | None = None
 
 
-class Embedding(_Open):
+class Embedding(OpenModel):
     object: Literal["embedding"]
     index: int
     embedding: list[float] | str
 
 
-class EmbeddingList(_Open):
+class EmbeddingList(OpenModel):
     object: Literal["list"]
     data: list[Embedding]
     model: str
     usage: Usage
 
 
-class Model(_Open):
+class Model(OpenModel):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
 
 
-class ModelList(_Open):
+class ModelList(OpenModel):
     object: Literal["list"]
     data: list[Model]
 
@@ -181,7 +181,7 @@ class BatchResponse(BaseModel):
     )
 
 
-def check(schema: type[_Open], payload: object) -> None:
+def check(schema: type[OpenModel], payload: object) -> None:
     """Raise ``InvalidRequest`` naming the first field of ``payload`` that ``schema`` rejects."""
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")

@@ -17,10 +17,11 @@ from inference_core.upstream.http1 import AiohttpTransport
 from inference_core.upstream.http2 import HttpxTransport
 
 
-class SplitTransport:
+class SplitTransport(Transport):
     """HTTP/2 for whole bodies, HTTP/1.1 for streams, to one ``https://`` backend."""
 
     def __init__(self, api_root: str, *, max_connections: int, timeout: float) -> None:
+        super().__init__(api_root, max_connections=max_connections, timeout=timeout)
         self._whole = HttpxTransport(api_root, max_connections=max_connections, timeout=timeout)
         self._streams = AiohttpTransport(api_root, max_connections=max_connections, timeout=timeout)
 
@@ -32,18 +33,11 @@ class SplitTransport:
         await self._whole.aclose()
         await self._streams.aclose()
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        headers: Mapping[str, str],
-        body: bytes | None = None,
-        within: float | None = None,
-        stream: bool = False,
+    async def _send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, limit: float, stream: bool
     ) -> UpstreamResponse:
         transport: Transport = self._streams if stream else self._whole
-        return await transport.request(method, path, headers=headers, body=body, within=within)
+        return await transport._send(method, url, headers, body, limit, stream)
 
 
 def create_transport(api_root: str, *, max_connections: int, timeout: float) -> Transport:

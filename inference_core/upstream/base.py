@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 from urllib.parse import urljoin
@@ -24,9 +25,22 @@ class UpstreamResponse(Protocol):
         ...
 
 
-class Transport(Protocol):
+class Transport(ABC):
+    """Pooled connections to one backend API root.
+
+    A concrete transport opens its pool in ``start`` and sends one request in ``_send``; this
+    class turns a path into a URL and an optional bound into a time limit, in one place.
+    """
+
+    def __init__(self, api_root: str, *, max_connections: int, timeout: float) -> None:
+        self.url = Urls(api_root)
+        self.max_connections = max_connections
+        self.timeout = timeout
+
+    @abstractmethod
     async def start(self) -> None: ...
 
+    @abstractmethod
     async def aclose(self) -> None: ...
 
     async def request(
@@ -44,7 +58,14 @@ class Transport(Protocol):
         ``within`` bounds that wait in seconds (default: the transport's read timeout).
         ``stream`` says the body will be read as it arrives and may be abandoned half-way.
         """
-        ...
+        limit = self.timeout if within is None else within
+        return await self._send(method, self.url(path), headers, body, limit, stream)
+
+    @abstractmethod
+    async def _send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, limit: float, stream: bool
+    ) -> UpstreamResponse:
+        """Send, and return once the headers arrived, within ``limit`` seconds."""
 
 
 class Urls:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import aiohttp
 
 from inference_core.errors import BackendTimeout, BackendUnreachable, BadUpstreamResponse
-from inference_core.upstream.base import Urls
+from inference_core.upstream.base import Transport
 
 
 @contextmanager
@@ -47,20 +47,16 @@ class AiohttpResponse:
         self._response.close()
 
 
-class AiohttpTransport:
-    def __init__(self, api_root: str, *, max_connections: int, timeout: float) -> None:
-        self.url = Urls(api_root)
-        self._timeout = timeout
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+class AiohttpTransport(Transport):
+    _session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections, limit_per_host=0, enable_cleanup_closed=True, ttl_dns_cache=300
+            limit=self.max_connections, limit_per_host=0, enable_cleanup_closed=True, ttl_dns_cache=300
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout, sock_read=self._timeout),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout),
             skip_auto_headers=("User-Agent",),
             raise_for_status=False,
         )
@@ -69,19 +65,11 @@ class AiohttpTransport:
         if self._session is not None:
             await self._session.close()
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        headers: Mapping[str, str],
-        body: bytes | None = None,
-        within: float | None = None,
-        stream: bool = False,
+    async def _send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, limit: float, stream: bool
     ) -> AiohttpResponse:
         assert self._session is not None, "start() was not awaited"
-        limit = self._timeout if within is None else within
         with mapped_errors():
             async with asyncio.timeout(limit):
-                response = await self._session.request(method, self.url(path), headers=headers, data=body)
+                response = await self._session.request(method, url, headers=headers, data=body)
         return AiohttpResponse(response, limit)

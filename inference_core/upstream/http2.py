@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import httpx
 
 from inference_core.errors import BackendTimeout, BackendUnreachable, BadUpstreamResponse
-from inference_core.upstream.base import Urls
+from inference_core.upstream.base import Transport
 
 
 @contextmanager
@@ -54,20 +54,16 @@ class HttpxResponse:
         await self._response.aclose()
 
 
-class HttpxTransport:
-    def __init__(self, api_root: str, *, max_connections: int, timeout: float) -> None:
-        self.url = Urls(api_root)
-        self._timeout = timeout
-        self._max_connections = max_connections
-        self._client: httpx.AsyncClient | None = None
+class HttpxTransport(Transport):
+    _client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(
             http2=True,
             # The system's trust store (SSL_CERT_FILE / SSL_CERT_DIR are honoured), not a bundled one.
             verify=ssl.create_default_context(),
-            limits=httpx.Limits(max_connections=self._max_connections),
-            timeout=httpx.Timeout(self._timeout),
+            limits=httpx.Limits(max_connections=self.max_connections),
+            timeout=httpx.Timeout(self.timeout),
             trust_env=False,
         )
 
@@ -75,19 +71,11 @@ class HttpxTransport:
         if self._client is not None:
             await self._client.aclose()
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        headers: Mapping[str, str],
-        body: bytes | None = None,
-        within: float | None = None,
-        stream: bool = False,
+    async def _send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, limit: float, stream: bool
     ) -> HttpxResponse:
         assert self._client is not None, "start() was not awaited"
-        limit = self._timeout if within is None else within
-        request = self._client.build_request(method, self.url(path), headers=headers, content=body)
+        request = self._client.build_request(method, url, headers=headers, content=body)
         with mapped_errors():
             async with asyncio.timeout(limit):
                 response = await self._client.send(request, stream=True)
