@@ -13,29 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import httpx
 import orjson
-from processes import MODEL, free_port, start
+from processes import MODEL, free_port, router_binary, spawn, start, stop
 
 POLICIES = ("least_outstanding", "round_robin", "load_aware", "prefix_affinity")
 ROUTER_POLICIES = ("round_robin", "power_of_two", "cache_aware")
 SPEEDS = (0.01, 0.03, 0.09)
-ROUTER_VENV = Path(os.environ.get("BENCH_ROUTER_VENV", Path.home() / ".cache/inference-core/router-venv"))
-
-
-def router_binary() -> Path:
-    binary = ROUTER_VENV / "bin/vllm-router"
-    if not binary.exists():
-        subprocess.run([sys.executable, "-m", "venv", ROUTER_VENV], check=True)
-        subprocess.run([ROUTER_VENV / "bin/pip", "install", "-q", "vllm-router"], check=True)
-    return binary
 
 
 async def load(url: str, seconds: float, concurrency: int) -> dict[str, float]:
@@ -113,28 +100,19 @@ def main() -> None:
             try:
                 measure(f"inference-core {policy}", f"http://127.0.0.1:{port}/v1/chat/completions", backends, args)
             finally:
-                gateway.terminate()
-                gateway.wait()
+                stop(gateway)
         binary = router_binary()
         for policy in ROUTER_POLICIES:
             port = free_port()
-            router = subprocess.Popen(
+            router = spawn(
                 [binary, "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
                  "--worker-urls", *backends, "--log-level", "error"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                f"http://127.0.0.1:{port}/health",
             )  # fmt: skip
             try:
-                for _ in range(300):
-                    try:
-                        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    time.sleep(0.1)
                 measure(f"vllm-router {policy}", f"http://127.0.0.1:{port}/v1/chat/completions", backends, args)
             finally:
-                router.terminate()
-                router.wait()
+                stop(router)
     finally:
         for process in processes:
             process.terminate()

@@ -1,4 +1,4 @@
-"""Starting and measuring the processes a benchmark runs (simulator, gateway), from /proc."""
+"""Starting and measuring the processes a benchmark runs (simulator, gateway, peers), from /proc."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+CACHE = Path.home() / ".cache/inference-core"
+ROUTER_VENV = Path(os.environ.get("BENCH_ROUTER_VENV", CACHE / "router-venv"))
 
 
 def free_port() -> int:
@@ -20,23 +23,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(args: list[str], env: dict[str, str], ready: str, *, core: int | None = None) -> subprocess.Popen[bytes]:
-    """``python -m inference_core ARGS`` (pinned to ``core`` if given), once ``ready`` answers."""
-    pin = ["taskset", "-c", str(core)] if core is not None else []
-    process = subprocess.Popen(
-        [*pin, sys.executable, "-m", "inference_core", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(200):
+def spawn(
+    command: list[str | Path],
+    ready: str,
+    *,
+    env: dict[str, str] | None = None,
+    core: int | None = None,
+    log: IO[bytes] | int = subprocess.DEVNULL,
+    within: float = 60,
+) -> subprocess.Popen[bytes]:
+    """Run ``command`` (pinned to ``core`` if given) and return once GET ``ready`` answers 2xx."""
+    pin: list[str | Path] = ["taskset", "-c", str(core)] if core is not None else []
+    process = subprocess.Popen([*pin, *command], env={**os.environ, **(env or {})}, stdout=log, stderr=log)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and process.poll() is None:
         try:
-            httpx.get(ready, timeout=1)
-            return process
+            if httpx.get(ready, timeout=1).is_success:
+                return process
         except httpx.TransportError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
+    stop(process)
+    raise RuntimeError(f"{command[0]} did not start (no answer at {ready})")
+
+
+def start(args: list[str], env: dict[str, str], ready: str, *, core: int | None = None) -> subprocess.Popen[bytes]:
+    """``python -m inference_core ARGS``, once ``ready`` answers."""
+    return spawn([sys.executable, "-m", "inference_core", *args], ready, env=env, core=core)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
-    raise RuntimeError(f"{args} did not start")
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def gateway_settings(backend_port: int, port: int, **extra: str) -> dict[str, str]:
@@ -51,9 +73,37 @@ def gateway_settings(backend_port: int, port: int, **extra: str) -> dict[str, st
     }
 
 
+def router_binary() -> Path:
+    """vLLM's Rust router from PyPI, installed into its own venv on first use."""
+    binary = ROUTER_VENV / "bin/vllm-router"
+    if not binary.exists():
+        subprocess.run([sys.executable, "-m", "venv", ROUTER_VENV], check=True)
+        subprocess.run([ROUTER_VENV / "bin/pip", "install", "-q", "vllm-router"], check=True)
+    return binary
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a server's workers count as the server)."""
+    found = [pid]
+    for member in found:
+        for task in Path(f"/proc/{member}/task").glob("*"):
+            try:
+                found += [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time of ``pid`` and its descendants."""
+    total = 0
+    for member in tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -68,8 +118,15 @@ def rss_mb(pid: int) -> float:
 
 
 def peak_rss_mb(pid: int) -> float:
-    return _status_kb(pid, "VmHWM") / 1024
+    """The largest resident set ``pid`` and its descendants have had, summed."""
+    return sum(_status_kb(member, "VmHWM") for member in tree(pid)) / 1024
 
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle since boot."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")

@@ -9,19 +9,14 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from inference_core import openapi, protocol
 from inference_core.auth import GatewayKeys, parse_keys
@@ -32,8 +27,6 @@ from inference_core.errors import (
     ClientDisconnected,
     GatewayError,
     InvalidRequest,
-    MethodNotAllowed,
-    NotFound,
     PayloadTooLarge,
     RequestTimeout,
 )
@@ -43,6 +36,7 @@ from inference_core.providers.base import Endpoint, Provider
 from inference_core.providers.openai import OpenAIProvider
 from inference_core.providers.vllm import VLLMProvider
 from inference_core.responses import EventStreamResponse, JSONBytes, unless_disconnected
+from inference_core.routing import Lifespan, Route, Router
 from inference_core.tracing import Tracer, tracer_from_environment
 from inference_core.upstream import create_transport
 
@@ -58,22 +52,32 @@ async def read_json(request: Request, limit: int, within: float) -> tuple[Any, b
 
     At most ``limit`` bytes are read, and they must all arrive within ``within`` seconds: a
     client trickling its body (slowloris) gets 408 instead of holding a connection forever.
+    A body that came whole with its headers (the usual case) needs no timer.
     """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(within):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(f"The request body did not arrive within {within:g}s.") from None
-    raw = b"".join(chunks)
+    message = await request.receive()
+    raw = message.get("body", b"")
+    if message.get("more_body"):
+        chunks = [raw]
+        size = len(raw)
+        try:
+            async with asyncio.timeout(within):
+                while message.get("more_body"):
+                    message = await request.receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnected("The client disconnected.")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeout(f"The request body did not arrive within {within:g}s.") from None
+        raw = b"".join(chunks)
+    elif len(raw) > limit:
+        raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
     try:
         return orjson.loads(raw), raw
     except orjson.JSONDecodeError:
@@ -89,7 +93,7 @@ class Routes:
         self.metrics = metrics
         self.health_monitor = health
 
-    async def _forward(self, request: Request, endpoint: Endpoint) -> Response | EventStreamResponse:
+    async def _forward(self, request: Request, endpoint: Endpoint) -> ASGIApp:
         payload, raw = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
         protocol.check(_SCHEMAS[endpoint], payload)
         record = record_of(request.scope)
@@ -103,16 +107,16 @@ class Routes:
         reply = await unless_disconnected(request.receive, self.engine.complete(call))
         return JSONBytes(reply.body, reply.status, reply.headers)
 
-    async def chat(self, request: Request) -> Response | EventStreamResponse:
+    async def chat(self, request: Request) -> ASGIApp:
         return await self._forward(request, Endpoint.CHAT)
 
-    async def completions(self, request: Request) -> Response | EventStreamResponse:
+    async def completions(self, request: Request) -> ASGIApp:
         return await self._forward(request, Endpoint.COMPLETIONS)
 
-    async def embeddings(self, request: Request) -> Response | EventStreamResponse:
+    async def embeddings(self, request: Request) -> ASGIApp:
         return await self._forward(request, Endpoint.EMBEDDINGS)
 
-    async def batch(self, request: Request) -> Response:
+    async def batch(self, request: Request) -> ASGIApp:
         """Many chat requests in, one result each out, in order; one failure fails only itself."""
         items, _ = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
         if not isinstance(items, list):
@@ -139,48 +143,48 @@ class Routes:
         except GatewayError as exc:
             return exc.body()
 
-    async def models(self, request: Request) -> Response:
+    async def models(self, request: Request) -> ASGIApp:
         return JSONBytes(await self.engine.models(record_of(request.scope).request_id))
 
-    async def model(self, request: Request) -> Response:
+    async def model(self, request: Request) -> ASGIApp:
         model_id = request.path_params["model_id"]
         return JSONBytes(await self.engine.model(model_id, record_of(request.scope).request_id))
 
-    async def health(self, request: Request) -> Response:
+    async def health(self, request: Request) -> ASGIApp:
         return JSONBytes(orjson.dumps(self.health_monitor.report()))
 
-    async def live(self, request: Request) -> Response:
+    async def live(self, request: Request) -> ASGIApp:
         return JSONBytes(b'{"status":"ok"}')
 
-    async def ready(self, request: Request) -> Response:
+    async def ready(self, request: Request) -> ASGIApp:
         ok, reason = self.health_monitor.ready()
         return JSONBytes(
             orjson.dumps({"status": "ready" if ok else "unavailable", "reason": reason}), 200 if ok else 503
         )
 
-    async def metrics_text(self, request: Request) -> Response:
+    async def metrics_text(self, request: Request) -> ASGIApp:
         return Response(generate_latest(self.metrics.registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
-    async def openapi_json(self, request: Request) -> Response:
+    async def openapi_json(self, request: Request) -> ASGIApp:
         return JSONBytes(openapi.document())
 
-    async def docs(self, request: Request) -> Response:
+    async def docs(self, request: Request) -> ASGIApp:
         return HTMLResponse(openapi.SWAGGER_PAGE)
 
     def table(self) -> list[Route]:
         return [
-            Route("/v1/chat/completions", self.chat, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
-            Route("/v1/batch/chat/completions", self.batch, methods=["POST"]),
-            Route("/health", self.health, methods=["GET"]),
-            Route("/health/live", self.live, methods=["GET"]),
-            Route("/health/ready", self.ready, methods=["GET"]),
-            Route("/metrics", self.metrics_text, methods=["GET"]),
-            Route("/openapi.json", self.openapi_json, methods=["GET"]),
-            Route("/docs", self.docs, methods=["GET"]),
+            Route("/v1/chat/completions", {"POST": self.chat}),
+            Route("/v1/completions", {"POST": self.completions}),
+            Route("/v1/embeddings", {"POST": self.embeddings}),
+            Route("/v1/models", {"GET": self.models}),
+            Route("/v1/models/{model_id:path}", {"GET": self.model}),
+            Route("/v1/batch/chat/completions", {"POST": self.batch}),
+            Route("/health", {"GET": self.health}),
+            Route("/health/live", {"GET": self.live}),
+            Route("/health/ready", {"GET": self.ready}),
+            Route("/metrics", {"GET": self.metrics_text}),
+            Route("/openapi.json", {"GET": self.openapi_json}),
+            Route("/docs", {"GET": self.docs}),
         ]
 
 
@@ -188,8 +192,7 @@ class Routes:
 _RETRYABLE_CLIENT_ERRORS = frozenset({408, 409, 429})
 
 
-def gateway_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
+def gateway_error(request: Request, exc: GatewayError) -> ASGIApp:
     record = record_of(request.scope)
     record.error = exc.code or exc.type
     record.client_left = isinstance(exc, ClientDisconnected)
@@ -213,17 +216,6 @@ def _priority(payload: dict[str, Any], request: Request) -> int:
         raise InvalidRequest("The X-Priority header must be an integer.", param="X-Priority") from None
 
 
-def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404/405 answers, in OpenAI's shape."""
-    assert isinstance(exc, HTTPException)
-    where = f"{request.method} {request.url.path}"
-    if exc.status_code == 405:
-        error: GatewayError = MethodNotAllowed(f"Method not allowed ({where}).")
-    else:
-        error = NotFound(f"Invalid URL ({where}).")
-    return JSONBytes(error.body(), error.status, headers=exc.headers)
-
-
 def build_provider(settings: Settings) -> Provider:
     if settings.provider_type is ProviderType.OPENAI:
         return OpenAIProvider(drop_unsupported=settings.drop_unsupported_params)
@@ -237,7 +229,7 @@ def build_rate_limiter(settings: Settings) -> RateLimiter | None:
     return RateLimiter(settings.rate_limit_rps, burst)
 
 
-def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Starlette:
+def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
     """The gateway for ``settings``: the one place concrete classes are chosen and wired.
 
     ``tracer`` defaults to what the ``OTEL_*`` variables ask for (usually: no tracing).
@@ -277,32 +269,26 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Starlette
     health = HealthMonitor(engine, metrics, interval=settings.probe_interval, shutdown_grace=settings.shutdown_grace)
     routes = Routes(settings, engine, metrics, health)
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def startup() -> None:
         for replica in replicas:
             await replica.transport.start()
         await health.start()
-        yield
+
+    async def shutdown() -> None:
         await health.stop()
         for replica in replicas:
             await replica.transport.aclose()
 
-    middleware = [Middleware(RequestContext, metrics=metrics, tracer=tracer)]
+    app: ASGIApp = Router(routes.table(), on_error=gateway_error)
+    if settings.gateway_api_keys is not None:
+        app = GatewayKeys(app, keys=parse_keys(settings.gateway_api_keys.get_secret_value()))
     if settings.cors_origins:
         origins = [origin.strip() for origin in settings.cors_origins.split(",")]
-        middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]))
-    if settings.gateway_api_keys is not None:
-        keys = parse_keys(settings.gateway_api_keys.get_secret_value())
-        middleware.append(Middleware(GatewayKeys, keys=keys))
-    return Starlette(
-        routes=routes.table(),
-        middleware=middleware,
-        exception_handlers={GatewayError: gateway_error, HTTPException: http_error},
-        lifespan=lifespan,
-    )
+        app = CORSMiddleware(app, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
+    return Lifespan(RequestContext(app, metrics=metrics, tracer=tracer), startup, shutdown)
 
 
-def __getattr__(name: str) -> Starlette:
+def __getattr__(name: str) -> Lifespan:
     """``app``, built from the environment when a server first asks for it (not at import)."""
     if name != "app":
         raise AttributeError(name)

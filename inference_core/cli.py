@@ -7,6 +7,7 @@ environment.
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import sys
 from collections.abc import Sequence
@@ -64,6 +65,17 @@ def simulate(argv: Sequence[str]) -> None:
     uvicorn.run(create_simulator(config), host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
+def tune_garbage_collector() -> None:
+    """Collect cycles every 50,000 allocations, not 700, and never scan what start-up built.
+
+    A request allocates a few hundred objects, so the default threshold ran the collector every
+    few requests: 7% of the CPU at 64 concurrent requests (measured with gc.callbacks), for
+    almost no garbage, since the request path makes few cycles.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def serve(argv: Sequence[str]) -> None:
     from inference_core.api import create_app
     from inference_core.observability import configure_logging
@@ -76,6 +88,7 @@ def serve(argv: Sequence[str]) -> None:
         print(f"inference-core: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
+    tune_garbage_collector()
     # uvicorn re-raises SIGTERM once it has shut down gracefully: exit 0 for it, as orchestrators expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(
@@ -88,6 +101,9 @@ def serve(argv: Sequence[str]) -> None:
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=1,
+        # Nothing reads the client's address, so X-Forwarded-* need no rewriting on every request.
+        proxy_headers=False,
+        server_header=False,
     )
 
 

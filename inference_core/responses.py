@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import TypeVar
 
-from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from inference_core import sse
@@ -20,15 +19,21 @@ log = logging.getLogger("inference_core")
 T = TypeVar("T")
 
 
+#: Most answers are back sooner than this; only work still running then gets a watcher task.
+WATCH_AFTER_SECONDS = 0.05
+
+
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it if the client disconnects first (e.g. while queued).
 
-    One watcher task races ``receive()``; ``work`` runs inline. Call only once the request
-    body has been read: every message left is a disconnect.
+    ``work`` runs inline; after ``WATCH_AFTER_SECONDS`` one watcher task races ``receive()``
+    against it (a task per request would cost more than the rest of a quick request's work).
+    Call only once the request body has been read: every message left is a disconnect.
     """
     current = asyncio.current_task()
     assert current is not None
     left = False
+    watcher: asyncio.Future[None] | None = None
 
     async def watch() -> None:
         nonlocal left
@@ -36,7 +41,11 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
         left = True
         current.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(watch())
+
+    timer = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, start_watching)
     try:
         return await work
     except asyncio.CancelledError:
@@ -44,20 +53,33 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
             raise ClientDisconnected("The client disconnected.") from None
         raise
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
-class JSONBytes(Response):
-    """Bytes that already are JSON (relayed or pre-serialised): no re-encoding."""
+class JSONBytes:
+    """Bytes that already are JSON (relayed or pre-serialised), sent as they are."""
 
-    media_type = "application/json"
+    def __init__(self, body: bytes, status: int = 200, headers: Mapping[str, str] | None = None) -> None:
+        self.body = body
+        self.status = status
+        self.headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        if headers:
+            self.headers += [
+                (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
+            ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class EventStreamResponse:
     """Relays a ``Stream`` to the client frame by frame.
 
     The client's disconnect is watched for by racing ``receive()`` against the relay, so the
-    backend connection is closed the moment the client leaves, even while no token is due.
+    backend connection is closed as soon as the client leaves, even while no token is due.
     A failure after the first byte becomes one in-band ``data: {"error": ...}`` event.
     """
 
@@ -69,16 +91,12 @@ class EventStreamResponse:
         self.headers += [(name.encode(), value.encode()) for name, value in stream.headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        relay = asyncio.ensure_future(self._relay(send))
-        watch = asyncio.ensure_future(_disconnected(receive))
         try:
-            await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
-            self.record.client_left = not relay.done()
+            await unless_disconnected(receive, self._relay(send))
+        except ClientDisconnected:
+            self.record.client_left = True
         finally:
-            relay.cancel()
-            watch.cancel()
             await self.stream.aclose()
-        await asyncio.gather(relay, watch, return_exceptions=True)
 
     async def _relay(self, send: Send) -> None:
         record = self.record

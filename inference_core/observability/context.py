@@ -124,28 +124,28 @@ class RequestContext:
     ) -> None:
         metrics = self.metrics
         model = metrics.model_label(record.model) if record.model is not None else "none"
-        metrics.requests.labels(endpoint, model, f"{status // 100}xx").inc()
-        metrics.latency.labels(endpoint).observe(finished - record.started)
+        metrics.of(metrics.requests, endpoint, model, f"{status // 100}xx").inc()
+        metrics.of(metrics.latency, endpoint).observe(finished - record.started)
         outcome = record.outcome
         if outcome is None:
             return
         metrics.queue_wait.observe(outcome.queued)
         if outcome.rate_limited:
             metrics.rate_limited.inc()
-        metrics.upstream_latency.labels(endpoint).observe(outcome.upstream)
+        metrics.of(metrics.upstream_latency, endpoint).observe(outcome.upstream)
         for kind in outcome.upstream_errors:
-            metrics.upstream_errors.labels(kind).inc()
+            metrics.of(metrics.upstream_errors, kind).inc()
         if outcome.prompt_tokens:
-            metrics.tokens.labels("prompt", model).inc(outcome.prompt_tokens)
+            metrics.of(metrics.tokens, "prompt", model).inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
-            metrics.tokens.labels("completion", model).inc(outcome.completion_tokens)
+            metrics.of(metrics.tokens, "completion", model).inc(outcome.completion_tokens)
         if response_started and status < 400:
             own = response_started - record.started - outcome.queued - outcome.upstream - outcome.backoff
-            metrics.overhead.labels(endpoint).observe(max(own, 0.0))
+            metrics.of(metrics.overhead, endpoint).observe(max(own, 0.0))
         if record.first_event is not None:
-            metrics.ttft.labels(endpoint).observe(record.first_event - record.started)
+            metrics.of(metrics.ttft, endpoint).observe(record.first_event - record.started)
         if record.client_left:
-            metrics.disconnects.labels("streaming" if status == 200 else "waiting").inc()
+            metrics.of(metrics.disconnects, "streaming" if status == 200 else "waiting").inc()
 
     def _log(self, scope: Scope, record: RequestRecord, endpoint: str, status: int, finished: float) -> None:
         outcome = record.outcome

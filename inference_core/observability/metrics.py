@@ -10,6 +10,7 @@ scale out with replicas rather than uvicorn workers (which would each have their
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -20,6 +21,7 @@ from inference_core.engine.replicas import Balancer
 #: The largest number of distinct model names used as label values.
 MAX_MODEL_LABELS = 64
 OTHER = "other"
+M = TypeVar("M", Counter, Histogram)
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _QUEUE = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -32,6 +34,7 @@ class Metrics:
     def __init__(self, *, configured_model: str) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.models = {configured_model}
+        self._children: dict[tuple[object, ...], Any] = {}
 
         def counter(name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
             return Counter(f"inference_core_{name}", doc, labels, registry=registry)
@@ -87,6 +90,14 @@ class Metrics:
         if rate is not None:
             self.rate_limit.set_function(rate)
 
+    def of(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, remembered: label sets are few and a request touches several."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def learn_models(self, names: Iterable[str]) -> None:
         for name in names:
             if len(self.models) >= MAX_MODEL_LABELS:
@@ -97,7 +108,7 @@ class Metrics:
         return name if name in self.models else OTHER
 
     def retried(self, event: RetryEvent) -> None:
-        self.retries.labels(event.reason).inc()
+        self.of(self.retries, event.reason).inc()
 
 
 class ReplicaCollector:

@@ -1,7 +1,7 @@
 """The transport: pooled connections to the backend, behind one small protocol.
 
-Plain ``http://`` backends (vLLM) get aiohttp over keep-alive HTTP/1.1: measured in
-``bench/upstream_clients.py``, it costs a fraction of httpx's CPU per request. ``https://``
+Plain ``http://`` backends (vLLM) get keep-alive HTTP/1.1 from a purpose-built client: measured
+in ``bench/upstream_clients.py``, it costs a fraction of aiohttp's or httpx's CPU per request. ``https://``
 backends (OpenAI) get HTTP/2 through httpx for whole-body calls, negotiated by ALPN, so many
 requests share a few TLS connections. Streams to them still go over HTTP/1.1: httpcore cannot
 cancel one HTTP/2 stream (it sends no RST_STREAM), and a client that leaves must stop the
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from inference_core.upstream.base import Transport, UpstreamResponse
-from inference_core.upstream.http1 import AiohttpTransport
+from inference_core.upstream.http1 import HTTP1Transport
 from inference_core.upstream.http2 import HttpxTransport
 
 
@@ -23,7 +23,7 @@ class SplitTransport(Transport):
     def __init__(self, api_root: str, *, max_connections: int, timeout: float) -> None:
         super().__init__(api_root, max_connections=max_connections, timeout=timeout)
         self._whole = HttpxTransport(api_root, max_connections=max_connections, timeout=timeout)
-        self._streams = AiohttpTransport(api_root, max_connections=max_connections, timeout=timeout)
+        self._streams = HTTP1Transport(api_root, max_connections=max_connections, timeout=timeout)
 
     async def start(self) -> None:
         await self._whole.start()
@@ -41,7 +41,7 @@ class SplitTransport(Transport):
 
 
 def create_transport(api_root: str, *, max_connections: int, timeout: float) -> Transport:
-    kind = SplitTransport if api_root.startswith("https:") else AiohttpTransport
+    kind = SplitTransport if api_root.startswith("https:") else HTTP1Transport
     return kind(api_root, max_connections=max_connections, timeout=timeout)
 
 
