@@ -8,22 +8,22 @@ in the ``RequestRecord`` it puts in the scope; it reads the record when the resp
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference_core.engine.core import Outcome
 from inference_core.errors import GatewayError, error_body
+from inference_core.observability.logs import log_access
 from inference_core.observability.metrics import Metrics
 from inference_core.tracing import Tracer
 
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 
 log = logging.getLogger("inference_core")
-access_log = logging.getLogger("inference_core.access")
 
 
 @dataclass(slots=True)
@@ -72,7 +72,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _client_request_id(scope) or uuid.uuid4().hex
+        request_id = _client_request_id(scope) or os.urandom(16).hex()
         record = RequestRecord(request_id, started)
         scope.setdefault("state", {})["record"] = record
         id_header = (b"x-request-id", request_id.encode())
@@ -170,7 +170,7 @@ class RequestContext:
             fields["client_disconnected"] = True
         if record.error:
             fields["error"] = record.error
-        access_log.info("request", extra={"fields": fields})
+        log_access(fields)
 
 
 def _client_request_id(scope: Scope) -> str | None:
