@@ -49,6 +49,9 @@ class HTTP1Response:
         self._whole = False  # read() wants the whole body: no backpressure
         self._error: GatewayError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._until = 0.0  # when the current wait times out
+        self._timer: asyncio.TimerHandle | None = None
+        self._finished = False
 
     # Fed by the connection.
 
@@ -94,24 +97,50 @@ class HTTP1Response:
 
     # Read by the engine.
 
-    async def _wait(self, within: float) -> None:
+    async def _wait(self, until: float) -> None:
+        """Sleep until the connection has news; time out at loop time ``until``."""
         loop = asyncio.get_running_loop()
+        self._until = until
+        if self._timer is None:
+            self._timer = loop.call_at(until, self._check_time)
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(max(within, 0.0), _expire, waiter)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _check_time(self) -> None:
+        """One timer for the whole response, re-armed when it fires early: a timer per wait
+        (that is, per stream chunk) was a measurable share of relaying a chunk."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._waiter is not None and now >= self._until:
+            self._timer = None
+            _expire(self._waiter)
+        else:
+            self._timer = loop.call_at(max(self._until, now + self._read_timeout), self._check_time)
+
+    def _finish(self, *, reuse: bool) -> None:
+        """Hand the connection back (body read to its end) or drop it; once only, as it may be reused."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if reuse:
+            self._connection.done(self)
+        else:
+            self._connection.close()
 
     async def headers_arrived(self) -> None:
         try:
             while not self._started:
                 if self._error is not None:
                     raise self._error
-                await self._wait(self._deadline - asyncio.get_running_loop().time())
+                await self._wait(self._deadline)
         except BaseException:
-            self._connection.close()
+            self._finish(reuse=False)
             raise
 
     async def read(self) -> bytes:
@@ -121,14 +150,15 @@ class HTTP1Response:
             while not self._ended:
                 if self._error is not None:
                     raise self._error
-                await self._wait(self._deadline - asyncio.get_running_loop().time())
+                await self._wait(self._deadline)
         except BaseException:
-            self._connection.close()
+            self._finish(reuse=False)
             raise
-        self._connection.done(self)
+        self._finish(reuse=True)
         return b"".join(self._body)
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if self._body:
@@ -139,21 +169,18 @@ class HTTP1Response:
                     self._connection.resume_reading()
                     yield piece
                 elif self._ended:
-                    self._connection.done(self)
+                    self._finish(reuse=True)
                     return
                 elif self._error is not None:
                     raise self._error
                 else:
-                    await self._wait(self._read_timeout)
+                    await self._wait(loop.time() + self._read_timeout)
         except BaseException:
-            self._connection.close()
+            self._finish(reuse=False)
             raise
 
     async def aclose(self) -> None:
-        if self._ended:
-            self._connection.done(self)
-        else:
-            self._connection.close()
+        self._finish(reuse=self._ended)
 
 
 class _Connection(asyncio.Protocol):
