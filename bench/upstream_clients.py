@@ -1,4 +1,4 @@
-"""Which HTTP client should carry the gateway's upstream traffic? aiohttp against httpx.
+"""Which HTTP client should carry the gateway's upstream traffic? Its own, aiohttp and httpx.
 
 A tiny fixed-answer HTTP server (raw asyncio, pinned to core 1) stands in for the backend so the
 client's own cost dominates. Each client, pinned to core 0, sends the same POSTs at concurrency 1
@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import httpx
 import orjson
+
+from inference_core.upstream.http1 import HTTP1Transport
 
 BODY = orjson.dumps(
     {
@@ -75,7 +77,18 @@ async def drive(send: Callable[[], Awaitable[None]], total: int, concurrency: in
 
 async def run_client(name: str, url: str, total: int, concurrency: int) -> dict[str, float]:
     headers = {"content-type": "application/json"}
-    if name == "aiohttp":
+    if name == "inference-core":
+        transport = HTTP1Transport(url.rsplit("/", 2)[0], max_connections=100, timeout=30)
+        await transport.start()
+
+        async def send() -> None:
+            response = await transport.request("POST", "chat/completions", headers=headers, body=REQUEST)
+            await response.read()
+
+        await drive(send, 200, concurrency)
+        elapsed, latencies, cpu = await drive(send, total, concurrency)
+        await transport.aclose()
+    elif name == "aiohttp":
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as session:
 
             async def send() -> None:
@@ -126,9 +139,9 @@ def main() -> None:
     server = subprocess.Popen(["taskset", "-c", "1", sys.executable, __file__, "--serve", str(port)])
     time.sleep(1)
     try:
-        print(f"{'client':8} {'c':>3} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req':>11}")
+        print(f"{'client':14} {'c':>3} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req':>11}")
         for concurrency in (1, 64):
-            for client in ("aiohttp", "httpx"):
+            for client in ("inference-core", "aiohttp", "httpx"):
                 runs = []
                 for _ in range(args.runs):
                     out = subprocess.run(
@@ -140,7 +153,7 @@ def main() -> None:
                     runs.append(orjson.loads(out))
                 median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
                 print(
-                    f"{client:8} {concurrency:>3} {median['rps']:>8.0f} {median['p50_ms']:>7.2f} "
+                    f"{client:14} {concurrency:>3} {median['rps']:>8.0f} {median['p50_ms']:>7.2f} "
                     f"{median['p99_ms']:>7.2f} {median['cpu_us']:>11.0f}"
                 )
     finally:

@@ -58,6 +58,10 @@ async def whole_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     pending = b""
     last = b""
     async for chunk in chunks:
+        if not pending and chunk.endswith(b"\n\n"):  # the usual case: whole frames, passed on as they are
+            last = chunk
+            yield chunk
+            continue
         pending += chunk
         cut = _last_boundary(pending)
         if cut:

@@ -26,10 +26,13 @@ from tests.servers import Server, free_port, start_simulator
 Spawn = Callable[..., Server]
 
 
+CLOSE_DELIMITED = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m", "choices": []}
+
+
 class BrokenUpstream:
     """A TCP server on loopback whose behaviour is one of ``MODES``."""
 
-    MODES = ("silent", "hang_up", "truncated", "garbage")
+    MODES = ("silent", "hang_up", "truncated", "garbage", "close_delimited")
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -53,6 +56,12 @@ class BrokenUpstream:
             writer.transport.abort()
         elif self.mode == "truncated":
             writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{"id": ')
+            await writer.drain()
+            writer.close()
+        elif self.mode == "close_delimited":
+            # Valid HTTP/1.1: no length and no chunking, so the body ends where the connection does.
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n")
+            writer.write(json.dumps(CLOSE_DELIMITED).encode())
             await writer.drain()
             writer.close()
         elif self.mode == "garbage":
@@ -119,6 +128,16 @@ def test_broken_backend(
         schemas.validate("ErrorResponse", error)
         if code:
             assert error["error"]["code"] == code
+    _healthy_afterwards(faulty, gateway)
+
+
+@pytest.mark.parametrize("broken", ["close_delimited"], indirect=True)
+def test_body_delimited_by_the_connection_closing(spawn: Spawn, gateway: Server, broken: BrokenUpstream) -> None:
+    faulty = spawn("gateway", broken.url)
+    for _ in range(3):  # each answer takes its connection with it: the next one opens anew
+        response = httpx.post(faulty.url + "/v1/chat/completions", json=chat_body(), timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json() == CLOSE_DELIMITED
     _healthy_afterwards(faulty, gateway)
 
 
