@@ -21,9 +21,8 @@ import httptools
 from inference_core.errors import BackendTimeout, BackendUnreachable, BadUpstreamResponse, GatewayError
 from inference_core.upstream.base import Transport
 
-#: A stream whose reader falls this far behind stops reading from the backend (backpressure).
+#: A stream whose reader falls this far behind stops reading from the backend until it catches up.
 HIGH_WATER_BYTES = 256 * 1024
-LOW_WATER_BYTES = 64 * 1024
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -110,8 +109,11 @@ class HTTP1Response:
             self._waiter = None
 
     def _check_time(self) -> None:
-        """One timer for the whole response, re-armed when it fires early: a timer per wait
-        (that is, per stream chunk) was a measurable share of relaying a chunk."""
+        """Time the current wait out, or re-arm for the next.
+
+        One timer serves the whole response: a timer per wait (per stream chunk) was a
+        measurable share of relaying a chunk.
+        """
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._waiter is not None and now >= self._until:
