@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -135,9 +135,10 @@ class HTTP1Response:
         else:
             self._connection.close()
 
-    async def headers_arrived(self) -> None:
+    async def _wait_for(self, arrived: Callable[[], bool]) -> None:
+        """Wait, until the deadline, for ``arrived()``; any failure drops the connection."""
         try:
-            while not self._started:
+            while not arrived():
                 if self._error is not None:
                     raise self._error
                 await self._wait(self._deadline)
@@ -145,17 +146,13 @@ class HTTP1Response:
             self._finish(reuse=False)
             raise
 
+    async def headers_arrived(self) -> None:
+        await self._wait_for(lambda: self._started)
+
     async def read(self) -> bytes:
         self._whole = True
         self._connection.resume_reading()
-        try:
-            while not self._ended:
-                if self._error is not None:
-                    raise self._error
-                await self._wait(self._deadline)
-        except BaseException:
-            self._finish(reuse=False)
-            raise
+        await self._wait_for(lambda: self._ended)
         self._finish(reuse=True)
         return b"".join(self._body)
 
