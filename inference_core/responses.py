@@ -78,8 +78,9 @@ class JSONBytes:
 class EventStreamResponse:
     """Relays a ``Stream`` to the client frame by frame.
 
-    The client's disconnect is watched for by racing ``receive()`` against the relay, so the
-    backend connection is closed as soon as the client leaves, even while no token is due.
+    The client's disconnect is watched for by racing ``receive()`` against the relay (see
+    ``unless_disconnected``), so the backend connection is closed within ``WATCH_AFTER_SECONDS``
+    of the client leaving, even while no token is due.
     A failure after the first byte becomes one in-band ``data: {"error": ...}`` event.
     """
 

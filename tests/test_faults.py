@@ -203,8 +203,14 @@ def _rss_mb(server: Server) -> float:
 def test_backend_restart_while_requests_are_queued(spawn: Spawn, log_dir: Path) -> None:
     port = free_port()
     backend = start_simulator(log_dir, port=port)
+    # Enough retries that their random (full-jitter) waits outlast the restart, whatever the draw.
     gateway = spawn(
-        "gateway", backend.url, max_concurrent_tasks="1", max_retries="6", retry_base_delay="0.2", retry_max_delay="0.5"
+        "gateway",
+        backend.url,
+        max_concurrent_tasks="1",
+        max_retries="20",
+        retry_base_delay="0.2",
+        retry_max_delay="0.5",
     )
     try:
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
