@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 
 from inference_core.engine import Outcome
 from inference_core.observability import Metrics, RequestContext, RequestRecord, configure_logging
+from inference_core.observability.logs import LoopFlushedHandler
 from inference_core.tracing import NO_TRACER, OTelTracer, Tracer
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -67,7 +68,8 @@ def main() -> None:
 
     configure_logging("info", "json")
     handler = logging.getLogger().handlers[0]
-    handler.stream = open(os.devnull, "w")  # noqa: SIM115 - kept open for the whole run
+    assert isinstance(handler, LoopFlushedHandler)
+    handler.fd = os.open(os.devnull, os.O_WRONLY)
     metrics = Metrics(configured_model=MODEL)
     context = RequestContext(lambda *a: None, metrics=metrics, tracer=NO_TRACER)  # type: ignore[arg-type]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -61,30 +62,48 @@ class TextFormatter(logging.Formatter):
         return text
 
 
-class LoopFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to a buffered stderr flushed every ``FLUSH_SECONDS``, not once per line.
+class LoopFlushedHandler(logging.Handler):
+    """Collects whole lines and writes them to ``fd`` every ``FLUSH_SECONDS``, not once per line.
 
     Each request writes an access-log line; a write system call for each was a measurable
-    share of a request's CPU. Lines logged outside the event loop (start-up, exit, other
-    threads) are flushed at once.
+    share of a request's CPU. Each write holds whole lines only, so a reader of the file or
+    pipe never sees half a line. Lines logged outside the event loop (start-up, exit, other
+    threads) are written at once.
     """
 
     FLUSH_SECONDS = 0.05
-    _pending = False
 
-    def flush(self) -> None:
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self._lines: list[str] = []
+        self._pending = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def write(self, line: str) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._lines.append(line)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            super().flush()
+            self.flush()
             return
         if not self._pending:
             self._pending = True
-            loop.call_later(self.FLUSH_SECONDS, self._flush_now)
+            loop.call_later(self.FLUSH_SECONDS, self.flush)
 
-    def _flush_now(self) -> None:
-        self._pending = False
-        super().flush()
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            lines, self._lines, self._pending = self._lines, [], False
+        if lines:
+            data = memoryview(("\n".join(lines) + "\n").encode())
+            while data:
+                data = data[os.write(self.fd, data) :]
 
 
 access_log = logging.getLogger("inference_core.access")
@@ -104,10 +123,7 @@ def log_access(fields: dict[str, Any]) -> None:
     elif access_log.isEnabledFor(logging.INFO):
         formatter = sink.formatter
         assert isinstance(formatter, JSONFormatter)
-        line = formatter.line(time.time(), "info", access_log.name, "request", fields)
-        with sink.lock:  # type: ignore[union-attr]
-            sink.stream.write(line + "\n")
-        sink.flush()
+        sink.write(formatter.line(time.time(), "info", access_log.name, "request", fields))
 
 
 def configure_logging(level: str, format: str = "json") -> None:
@@ -115,8 +131,7 @@ def configure_logging(level: str, format: str = "json") -> None:
     # No formatter here prints the caller's file and line, so do not look them up for every record
     # (the logging HOWTO's "Optimization" section).
     logging._srcfile = None
-    stream = open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8", closefd=False)  # noqa: SIM115
-    handler = LoopFlushedHandler(stream)
+    handler = LoopFlushedHandler(sys.stderr.fileno())
     handler.setFormatter(JSONFormatter() if format == "json" else TextFormatter())
     global _json_sink
     _json_sink = handler if format == "json" else None
