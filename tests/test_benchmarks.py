@@ -1,0 +1,30 @@
+"""Benchmarks in their short forms: what they measure must hold, even if the figures are not quoted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_bench(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, BENCH / script, *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_short_soak() -> None:
+    """Mixed traffic: no wrong answers, and RSS and descriptors level off."""
+    output = run_bench("soak.py", "--seconds", "15", "--every", "3", "--concurrency", "16")
+    assert "levelled off / 0 unexpected answers" in output
+
+
+def test_paced_streams_arrive_whole_and_on_time() -> None:
+    """Every stream arrives whole through the gateway, its events still paced."""
+    output = run_bench("long_streams.py", "--streams", "50", "--tokens", "20", "--itl", "0.01")
+    row = output.splitlines()[-1].split()
+    assert row[0] == "50", output
+    gateway_p50 = float(row[3])
+    assert 5 < gateway_p50 < 30, f"events 10 ms apart arrived {gateway_p50} ms apart at the median"
