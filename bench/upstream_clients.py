@@ -78,7 +78,7 @@ async def drive(send: Callable[[], Awaitable[None]], total: int, concurrency: in
 async def run_client(name: str, url: str, total: int, concurrency: int) -> dict[str, float]:
     headers = {"content-type": "application/json"}
     if name == "inference-core":
-        transport = HTTP1Transport(url.rsplit("/", 2)[0], max_connections=100, timeout=30)
+        transport = HTTP1Transport(url.rsplit("/", 2)[0], idle_connections=100, timeout=30)
         await transport.start()
 
         async def send() -> None:

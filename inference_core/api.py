@@ -40,6 +40,8 @@ from inference_core.routing import Lifespan, Route, Router
 from inference_core.tracing import Tracer, tracer_from_environment
 from inference_core.upstream import create_transport
 
+#: A request header: at most this many gateway retries for this request (never more than configured).
+MAX_RETRIES_HEADER = "x-inference-max-retries"
 _SCHEMAS: dict[Endpoint, type[protocol.OpenModel]] = {
     Endpoint.CHAT: protocol.ChatCompletionRequest,
     Endpoint.COMPLETIONS: protocol.CompletionRequest,
@@ -97,7 +99,7 @@ class Routes:
         payload, raw = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
         protocol.check(_SCHEMAS[endpoint], payload)
         record = record_of(request.scope)
-        call = Call(endpoint, payload, record.request_id, raw, _priority(payload, request))
+        call = Call(endpoint, payload, record.request_id, raw, _priority(payload, request), _max_retries(request))
         record.model = payload.get("model") or self.settings.model
         record.outcome = call.outcome
         if endpoint is not Endpoint.EMBEDDINGS and payload.get("stream"):
@@ -125,13 +127,14 @@ class Routes:
             raise InvalidRequest(f"A batch holds at most {self.settings.max_batch_size} requests.")
         request_id = record_of(request.scope).request_id
         default_priority = _priority({}, request)
+        retries = _max_retries(request)
         answers = asyncio.gather(
-            *(self._batch_item(item, f"{request_id}-{i}", default_priority) for i, item in enumerate(items))
+            *(self._batch_item(item, f"{request_id}-{i}", default_priority, retries) for i, item in enumerate(items))
         )
         results = await unless_disconnected(request.receive, answers)
         return JSONBytes(b'{"results":[' + b",".join(results) + b"]}")
 
-    async def _batch_item(self, item: object, request_id: str, default_priority: int) -> bytes:
+    async def _batch_item(self, item: object, request_id: str, default_priority: int, max_retries: int | None) -> bytes:
         try:
             protocol.check(protocol.ChatCompletionRequest, item)
             assert isinstance(item, dict)
@@ -139,7 +142,8 @@ class Routes:
                 raise InvalidRequest("Streaming is not available in a batch.", param="stream")
             priority = item.get("priority")
             priority = default_priority if priority is None else priority
-            return (await self.engine.complete(Call(Endpoint.CHAT, item, request_id, priority=priority))).body
+            call = Call(Endpoint.CHAT, item, request_id, priority=priority, max_retries=max_retries)
+            return (await self.engine.complete(call)).body
         except GatewayError as exc:
             return exc.body()
 
@@ -188,16 +192,12 @@ class Routes:
         ]
 
 
-#: Client errors a retry cannot fix; the OpenAI SDK reads ``x-should-retry`` and gives up at once.
-_RETRYABLE_CLIENT_ERRORS = frozenset({408, 409, 429})
-
-
 def gateway_error(request: Request, exc: GatewayError) -> ASGIApp:
     record = record_of(request.scope)
     record.error = exc.code or exc.type
     record.client_left = isinstance(exc, ClientDisconnected)
     headers = exc.headers
-    if 400 <= exc.status < 500 and exc.status not in _RETRYABLE_CLIENT_ERRORS:
+    if not exc.client_may_retry:
         headers = {**headers, "x-should-retry": "false"}
     return JSONBytes(exc.body(), exc.status, headers)
 
@@ -214,6 +214,18 @@ def _priority(payload: dict[str, Any], request: Request) -> int:
         return int(header)
     except ValueError:
         raise InvalidRequest("The X-Priority header must be an integer.", param="X-Priority") from None
+
+
+def _max_retries(request: Request) -> int | None:
+    """The gateway retries a client asked for with ``x-inference-max-retries`` (capped by the engine)."""
+    header = request.headers.get(MAX_RETRIES_HEADER)
+    if header is None:
+        return None
+    if not (header.isascii() and header.isdigit()):
+        raise InvalidRequest(
+            f"The {MAX_RETRIES_HEADER} header must be a whole number of retries.", param=MAX_RETRIES_HEADER
+        )
+    return int(header)
 
 
 def build_provider(settings: Settings) -> Provider:
@@ -235,8 +247,9 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
     ``tracer`` defaults to what the ``OTEL_*`` variables ask for (usually: no tracing).
     """
     tracer = tracer_from_environment() if tracer is None else tracer
+    idle, timeout = settings.max_connections, settings.timeout
     replicas = [
-        Replica(index, root, create_transport(root, max_connections=settings.max_connections, timeout=settings.timeout))
+        Replica(index, root, create_transport(root, idle_connections=idle, timeout=timeout))
         for index, root in enumerate(settings.upstream_roots)
     ]
     balancer = Balancer(

@@ -56,7 +56,11 @@ class Settings(BaseSettings):
         60.0, description="Seconds to wait for the backend's answer (for streams: between chunks)."
     )
     max_retries: Annotated[int, Field(ge=0)] = Field(3, description="Retry attempts for failed upstream calls.")
-    max_connections: Annotated[int, Field(ge=1)] = Field(100, description="Upstream connection pool size.")
+    max_connections: Annotated[int, Field(ge=1)] = Field(
+        100,
+        description="Keep-alive connections kept idle per backend replica. Requests never wait for a "
+        "connection: one is opened when none is idle.",
+    )
     max_concurrent_tasks: Annotated[int, Field(ge=1)] = Field(
         500, description="Requests in flight to the backend at once."
     )

@@ -40,6 +40,8 @@ class GatewayError(Exception):
     status: int = 500
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
+    #: Whether the client may send the same request again (the OpenAI SDK reads ``x-should-retry``).
+    client_may_retry: ClassVar[bool] = False
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -78,6 +80,7 @@ class MethodNotAllowed(GatewayError):
 
 class RequestTimeout(GatewayError):
     status = 408
+    client_may_retry = True
     type = "invalid_request_error"
     code = "request_timeout"
 
@@ -90,6 +93,7 @@ class PayloadTooLarge(GatewayError):
 
 class ClientDisconnected(GatewayError):
     status = 499
+    client_may_retry = True
     code = "client_disconnected"
 
 
@@ -98,6 +102,7 @@ class Overloaded(GatewayError):
 
     status = 503
     retry_after_seconds = 1
+    client_may_retry = True
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -121,7 +126,11 @@ class NoHealthyBackend(Overloaded):
 
 
 class UpstreamError(GatewayError):
-    """The backend could not give a usable answer."""
+    """The backend could not give a usable answer, after the gateway's own retries.
+
+    The client must not retry: the gateway already did, as often as it was allowed to, and a
+    client retrying on top would multiply the attempts.
+    """
 
 
 class BackendUnreachable(UpstreamError):

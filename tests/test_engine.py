@@ -9,9 +9,10 @@ import uuid
 from collections.abc import Callable
 
 import httpx
+import openai
 import pytest
 
-from tests.conftest import chat_body, sim_stats
+from tests.conftest import MODEL, chat_body, sim_stats
 from tests.openai_schemas import OpenAISchemas
 from tests.servers import Server
 
@@ -69,7 +70,7 @@ def test_full_queue_answers_at_once(spawn: Spawn, simulator: Server, schemas: Op
     assert refused.status_code == 503 and elapsed < 0.1
     schemas.validate("ErrorResponse", refused.json())
     assert refused.json()["error"]["code"] == "queue_full"
-    assert refused.headers["retry-after"] == "1"
+    assert refused.headers["retry-after"] == "1" and "x-should-retry" not in refused.headers
 
 
 def test_queue_timeout(spawn: Spawn, simulator: Server) -> None:
@@ -127,6 +128,38 @@ def test_exhausted_retries_relay_the_last_answer(spawn: Spawn, simulator: Server
     assert response.json()["error"]["message"] == "Simulated failure 503."
     assert response.headers["x-inference-retries"] == "2"
     assert sim_stats(simulator)["request_ids"].count(tag) == 3
+
+
+def test_sdk_retries_do_not_multiply_the_gateways(spawn: Spawn, simulator: Server) -> None:
+    """The gateway retries, then tells the SDK not to: one call costs 1 + INFERENCE_MAX_RETRIES attempts."""
+    gateway = spawn("gateway", simulator.url, max_retries="2")
+    tag = _tag()
+    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=2)
+    with sdk, pytest.raises(openai.InternalServerError) as failed:
+        sdk.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+            extra_body={"sim_fault": "status=503"}, extra_headers={"x-request-id": tag},
+        )  # fmt: skip
+    assert failed.value.status_code == 503
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    assert sim_stats(simulator)["request_ids"].count(tag) == 3
+
+
+@pytest.mark.parametrize(("asked", "attempts"), [("0", 1), ("1", 2), ("99", 3)])
+def test_a_client_may_ask_for_fewer_retries(spawn: Spawn, simulator: Server, asked: str, attempts: int) -> None:
+    gateway = spawn("gateway", simulator.url, max_retries="2")
+    tag = _tag()
+    headers = {"x-request-id": tag, "x-inference-max-retries": asked}
+    response = _post(gateway, chat_body(sim_fault="status=503"), headers=headers)
+    assert response.status_code == 503 and response.headers["x-inference-retries"] == str(attempts - 1)
+    assert sim_stats(simulator)["request_ids"].count(tag) == attempts
+
+
+@pytest.mark.parametrize("asked", ["-1", "two", "1.5", ""])
+def test_a_bad_retry_header_is_refused(http: httpx.Client, asked: str) -> None:
+    response = http.post("/v1/chat/completions", json=chat_body(), headers={"x-inference-max-retries": asked})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "x-inference-max-retries"
 
 
 def test_no_retry_on_client_errors(http: httpx.Client, simulator: Server) -> None:

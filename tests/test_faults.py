@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gzip
 import json
 import re
 import socket
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import chat_body
+from tests.conftest import SdkFor, chat_body
 from tests.openai_schemas import OpenAISchemas
 from tests.servers import Server, free_port, start_simulator
 
@@ -27,12 +28,32 @@ Spawn = Callable[..., Server]
 
 
 CLOSE_DELIMITED = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m", "choices": []}
+EVENTS = b"".join(
+    b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                            "choices": [{"index": 0, "delta": {"content": f"{n} "}, "finish_reason": None}]}).encode()
+    + b"\n\n"
+    for n in range(50)
+) + b"data: [DONE]\n\n"  # fmt: skip
+
+
+def _answer(stream: bool, *, gzipped: bool) -> bytes:
+    """A keep-alive answer, chunked when streamed, gzip-compressed although nobody asked for it."""
+    body = EVENTS if stream else json.dumps(CLOSE_DELIMITED).encode()
+    kind = b"text/event-stream" if stream else b"application/json"
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: " + kind + b"\r\n"
+    if gzipped:
+        body = gzip.compress(body)
+        head += b"content-encoding: gzip\r\n"
+    if not stream:
+        return head + b"content-length: %d\r\n\r\n" % len(body) + body
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:40], body[40:]))
+    return head + b"transfer-encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
 
 
 class BrokenUpstream:
     """A TCP server on loopback whose behaviour is one of ``MODES``."""
 
-    MODES = ("silent", "hang_up", "truncated", "garbage", "close_delimited")
+    MODES = ("silent", "hang_up", "truncated", "garbage", "close_delimited", "early_hints", "gzip")
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -45,6 +66,9 @@ class BrokenUpstream:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
         head = await reader.readuntil(b"\r\n\r\n")
+        if self.mode in ("early_hints", "gzip") and b"POST" in head:
+            await self._keep_alive(head, reader, writer)
+            return
         if b"GET /health" in head or b"GET /version" in head:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
             await writer.drain()
@@ -68,6 +92,22 @@ class BrokenUpstream:
             writer.write(b"this is not HTTP at all\r\n\r\n")
             await writer.drain()
             writer.close()
+
+    async def _keep_alive(self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer every request on the connection: after a 103 in a read of its own, or compressed."""
+        while True:
+            length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+            stream = re.search(rb'"stream":\s*true', await reader.readexactly(length)) is not None
+            if self.mode == "early_hints":
+                writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            writer.write(_answer(stream, gzipped=self.mode == "gzip"))
+            await writer.drain()
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
 
     def __enter__(self) -> BrokenUpstream:
         self._thread.start()
@@ -142,6 +182,26 @@ def test_body_delimited_by_the_connection_closing(spawn: Spawn, gateway: Server,
         response = httpx.post(faulty.url + "/v1/chat/completions", json=chat_body(), timeout=30)
         assert response.status_code == 200, response.text
         assert response.json() == CLOSE_DELIMITED
+    _healthy_afterwards(faulty, gateway)
+
+
+@pytest.mark.parametrize("broken", ["early_hints", "gzip"], indirect=True)
+def test_interim_and_compressed_answers_reach_the_client_plain(
+    spawn: Spawn, gateway: Server, broken: BrokenUpstream, sdk_for: SdkFor
+) -> None:
+    """A 103 before the answer is skipped; a gzip body the gateway did not ask for arrives decoded."""
+    faulty = spawn("gateway", broken.url)
+    sdk = sdk_for(faulty)
+    for _ in range(3):  # on one kept-alive connection: each request gets its own answer
+        response = httpx.post(faulty.url + "/v1/chat/completions", json=chat_body(), timeout=30)
+        assert response.status_code == 200 and "content-encoding" not in response.headers
+        assert response.json() == CLOSE_DELIMITED
+        with httpx.stream("POST", faulty.url + "/v1/chat/completions", json=chat_body(stream=True)) as streamed:
+            assert streamed.headers["content-type"] == "text/event-stream"
+            assert "content-encoding" not in streamed.headers
+            assert streamed.read() == EVENTS
+        chunks = sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == "".join(f"{n} " for n in range(50))
     _healthy_afterwards(faulty, gateway)
 
 

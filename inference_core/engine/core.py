@@ -88,6 +88,8 @@ class Call:
     request_id: str
     raw: bytes | None = None
     priority: int = 0
+    #: Fewer retries than configured, if the client asked for fewer (``x-inference-max-retries``).
+    max_retries: int | None = None
     outcome: Outcome = field(default_factory=Outcome)
 
 
@@ -249,6 +251,7 @@ class Engine:
         outcome = call.outcome
         deadline = time.monotonic() + self.timeout
         policy = self.retry_policy
+        max_retries = policy.max_retries if call.max_retries is None else min(call.max_retries, policy.max_retries)
         payload, raw, dropped = self._prepare(call)
         name, attributes = self._span_details(call) if self.tracer.enabled else ("", {})
         tried: list[Replica] = []
@@ -276,7 +279,7 @@ class Engine:
                 asked = error.retry_after if isinstance(error, UpstreamStatusError) else None
                 if why == "429" and self.rate_limiter is not None:
                     self.rate_limiter.throttled(asked)
-                if why is None or outcome.retries >= policy.max_retries or not self.balancer.healthy():
+                if why is None or outcome.retries >= max_retries or not self.balancer.healthy():
                     raise
                 delay = policy.delay(outcome.retries, asked)
                 if time.monotonic() + delay >= deadline:

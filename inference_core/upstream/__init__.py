@@ -20,10 +20,10 @@ from inference_core.upstream.http2 import HttpxTransport
 class SplitTransport(Transport):
     """HTTP/2 for whole bodies, HTTP/1.1 for streams, to one ``https://`` backend."""
 
-    def __init__(self, api_root: str, *, max_connections: int, timeout: float) -> None:
-        super().__init__(api_root, max_connections=max_connections, timeout=timeout)
-        self._whole = HttpxTransport(api_root, max_connections=max_connections, timeout=timeout)
-        self._streams = HTTP1Transport(api_root, max_connections=max_connections, timeout=timeout)
+    def __init__(self, api_root: str, *, idle_connections: int, timeout: float) -> None:
+        super().__init__(api_root, idle_connections=idle_connections, timeout=timeout)
+        self._whole = HttpxTransport(api_root, idle_connections=idle_connections, timeout=timeout)
+        self._streams = HTTP1Transport(api_root, idle_connections=idle_connections, timeout=timeout)
 
     async def start(self) -> None:
         await self._whole.start()
@@ -40,9 +40,9 @@ class SplitTransport(Transport):
         return await transport._send(method, url, headers, body, limit, stream)
 
 
-def create_transport(api_root: str, *, max_connections: int, timeout: float) -> Transport:
+def create_transport(api_root: str, *, idle_connections: int, timeout: float) -> Transport:
     kind = SplitTransport if api_root.startswith("https:") else HTTP1Transport
-    return kind(api_root, max_connections=max_connections, timeout=timeout)
+    return kind(api_root, idle_connections=idle_connections, timeout=timeout)
 
 
 __all__ = ["Transport", "UpstreamResponse", "create_transport"]

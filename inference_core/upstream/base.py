@@ -32,9 +32,9 @@ class Transport(ABC):
     class turns a path into a URL and an optional bound into a time limit, in one place.
     """
 
-    def __init__(self, api_root: str, *, max_connections: int, timeout: float) -> None:
+    def __init__(self, api_root: str, *, idle_connections: int, timeout: float) -> None:
         self.url = Urls(api_root)
-        self.max_connections = max_connections
+        self.idle_connections = idle_connections
         self.timeout = timeout
 
     @abstractmethod

@@ -62,7 +62,8 @@ class HttpxTransport(Transport):
             http2=True,
             # The system's trust store (SSL_CERT_FILE / SSL_CERT_DIR are honoured), not a bundled one.
             verify=ssl.create_default_context(),
-            limits=httpx.Limits(max_connections=self.max_connections),
+            # No request waits for a connection (admission bounds those in flight); idle ones are capped.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=self.idle_connections),
             timeout=httpx.Timeout(self.timeout),
             trust_env=False,
         )
