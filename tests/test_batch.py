@@ -42,7 +42,7 @@ def test_items_run_concurrently(http: httpx.Client) -> None:
     items = [chat_body(sim_fault="delay=0.5") for _ in range(8)]
     started = time.monotonic()
     results = http.post("/v1/batch/chat/completions", json=items).json()["results"]
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 3.5, "eight 0.5 s items one after another would take 4 s"
     assert all(r["object"] == "chat.completion" for r in results)
 
 

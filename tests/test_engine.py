@@ -60,14 +60,14 @@ def test_priority_order(one_at_a_time: Server, simulator: Server) -> None:
 def test_full_queue_answers_at_once(spawn: Spawn, simulator: Server, schemas: OpenAISchemas) -> None:
     gateway = spawn("gateway", simulator.url, max_concurrent_tasks="1", queue_size="1")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        busy = _hold_the_slot(pool, gateway, 1.0)
+        busy = _hold_the_slot(pool, gateway, 3.0)
         waiting = pool.submit(_post, gateway, chat_body())
         time.sleep(0.1)
         started = time.monotonic()
         refused = _post(gateway, chat_body())
         elapsed = time.monotonic() - started
         assert busy.result().status_code == 200 and waiting.result().status_code == 200
-    assert refused.status_code == 503 and elapsed < 0.1
+    assert refused.status_code == 503 and elapsed < 1.5, "refused at once, not after the busy slot's 3 s"
     schemas.validate("ErrorResponse", refused.json())
     assert refused.json()["error"]["code"] == "queue_full"
     assert refused.headers["retry-after"] == "1" and "x-should-retry" not in refused.headers
@@ -76,13 +76,13 @@ def test_full_queue_answers_at_once(spawn: Spawn, simulator: Server, schemas: Op
 def test_queue_timeout(spawn: Spawn, simulator: Server) -> None:
     gateway = spawn("gateway", simulator.url, max_concurrent_tasks="1", queue_timeout="0.3")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        busy = _hold_the_slot(pool, gateway, 1.5)
+        busy = _hold_the_slot(pool, gateway, 3.0)
         started = time.monotonic()
         late = _post(gateway, chat_body())
         elapsed = time.monotonic() - started
         assert busy.result().status_code == 200
     assert late.status_code == 503 and late.json()["error"]["code"] == "queue_timeout"
-    assert 0.25 < elapsed < 1.0
+    assert 0.25 < elapsed < 2.0, "timed out after 0.3 s, not served after the busy slot's 3 s"
 
 
 def test_queued_client_that_leaves_never_reaches_the_backend(one_at_a_time: Server, simulator: Server) -> None:
@@ -110,7 +110,7 @@ def test_429_retry_after_is_honoured(spawn: Spawn, simulator: Server) -> None:
     elapsed = time.monotonic() - started
     assert response.status_code == 200
     assert response.headers["x-inference-retries"] == "1"
-    assert 0.9 < elapsed < 2.5
+    assert 0.9 < elapsed < 3.5
 
 
 def test_transient_5xx_recovers(spawn: Spawn, simulator: Server) -> None:
@@ -205,7 +205,9 @@ def test_rate_limit_holds_and_adapts(spawn: Spawn, simulator: Server) -> None:
         statuses = list(pool.map(lambda _: _post(gateway, chat_body()).status_code, range(61)))
         elapsed = time.monotonic() - started
     assert statuses == [200] * 61
-    assert 60 / 20 * 0.9 < elapsed < 60 / 20 * 1.1, f"61 requests at 20/s took {elapsed:.2f}s"
+    # Never faster than the rate; slower only by what a busy machine costs (the algorithm's own
+    # timing is checked with a fake clock in test_ratelimit_retry).
+    assert 60 / 20 * 0.9 < elapsed < 60 / 20 * 1.7, f"61 requests at 20/s took {elapsed:.2f}s"
     assert _rate(gateway) == 20
     assert _post(gateway, chat_body(sim_fault=f"status=429,times=1,tag={_tag()}")).status_code == 200
     assert _rate(gateway) < 20

@@ -504,6 +504,37 @@ def test_undecodable_answers_are_refused(run: Run[None], encoding: str, body: by
     run(main())
 
 
+def test_a_stream_nobody_reads_stops_being_read(run: Run[None]) -> None:
+    """Backpressure: the server can write no more than the socket buffers hold, not the whole body."""
+    total = 96 * 1024 * 1024  # more than every kernel buffer on the way (receive buffers grow to 32 MB)
+    written = 0
+
+    async def script(peer: Peer) -> None:
+        nonlocal written
+        await peer.request()
+        peer.writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % total)
+        piece = b"x" * 65536
+        while written < total:
+            peer.writer.write(piece)
+            await peer.writer.drain()
+            written += len(piece)
+
+    async def main() -> None:
+        async with Upstream(script) as upstream:
+            response = await (await started(transport(upstream))).request(
+                "POST", "chat/completions", headers={}, body=b"{}", stream=True
+            )
+            chunks = response.chunks()
+            await anext(chunks)
+            await asyncio.sleep(1.0)
+            assert written < total // 2, f"the client kept reading: {written} bytes written"
+            async for _ in chunks:  # reading again resumes the flow, to the end
+                pass
+            assert written == total
+
+    run(main())
+
+
 # Time limits.
 
 

@@ -194,7 +194,7 @@ def test_sigterm_drains_then_exits_zero(spawn: Spawn, simulator: Server) -> None
 
 def test_dashboard_uses_only_real_metrics(http: httpx.Client) -> None:
     families = {family.name for family in text_string_to_metric_families(http.get("/metrics").text)}
-    dashboard = json.loads((Path(__file__).parents[1] / "deploy/grafana-dashboard.json").read_text())
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy/kubernetes/grafana-dashboard.json").read_text())
     used = {
         name
         for panel in dashboard["panels"]

@@ -79,7 +79,7 @@ def test_every_replica_down_is_an_immediate_503(spawn: Spawn) -> None:
     _wait_for(lambda: not _replica(gateway, "r0")["healthy"], 3, "not ejected")
     started = time.monotonic()
     response = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body())
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 2.0, "at once, not after INFERENCE_TIMEOUT (60 s)"
     assert response.status_code == 503 and response.json()["error"]["code"] == "no_healthy_backend"
     assert response.headers["retry-after"]
     assert httpx.get(gateway.url + "/health/ready").status_code == 503

@@ -25,8 +25,7 @@ def test_events_are_relayed_as_they_arrive(http: httpx.Client) -> None:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 arrivals.append(time.monotonic() - started)
-    assert arrivals[1] < 0.6, "the first token must not wait for the whole stream"
-    assert arrivals[-1] > 1.0
+    assert arrivals[-1] - arrivals[1] > 0.6, "the first tokens must not wait for the whole stream"
 
 
 def test_stream_ends_with_done(http: httpx.Client) -> None:

@@ -1,0 +1,61 @@
+"""``/docs`` in a real browser with the network cut: Swagger UI comes from the gateway itself.
+
+Debian's ``chromium`` renders the page headless. It is installed here when missing (as root,
+with apt-get); where it cannot be, the test is skipped and says why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.servers import Server
+
+#: Flags that keep a headless Chromium from calling out (see the machine notes) and from sandboxing as root.
+QUIET = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def _install_chromium() -> str | None:
+    """The browser's path, installing Debian's package if it is missing and we may."""
+    found = shutil.which("chromium")
+    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return found
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "timeout": 600}
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, **quiet).returncode:  # type: ignore[call-overload]
+        subprocess.run(["apt-get", "update", "-qq"], env=env, **quiet)  # type: ignore[call-overload]
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, **quiet)  # type: ignore[call-overload]
+    return shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[str]:
+    path = _install_chromium()
+    if path is None:
+        pytest.skip("Debian's chromium is not installed and cannot be installed here (needs root and apt-get)")
+    yield path
+
+
+def test_docs_work_offline(chromium: str, gateway: Server) -> None:
+    assert httpx.get(gateway.url + "/docs/swagger-ui-bundle.js").headers["content-type"].startswith("text/javascript")
+    with tempfile.TemporaryDirectory() as profile:
+        page = subprocess.run(
+            [
+                chromium, *QUIET, f"--user-data-dir={profile}",
+                # The network is cut: everything but loopback goes to a proxy that is not there.
+                "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>;127.0.0.1",
+                "--virtual-time-budget=15000", "--dump-dom", gateway.url + "/docs",
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert 'class="swagger-ui' in page.stdout, page.stderr[-2000:]
+    assert "/v1/chat/completions" in page.stdout and "opblock" in page.stdout
