@@ -18,35 +18,34 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.types import ASGIApp
 
-from inference_core import openapi, protocol
+from inference_core import endpoints, openapi, protocol
 from inference_core.auth import GatewayKeys, parse_keys
 from inference_core.config import ConfigError, ProviderType, Settings, load_settings
+from inference_core.endpoints import Endpoint
 from inference_core.engine import Admission, Call, Engine, RateLimiter, RetryPolicy
 from inference_core.engine.replicas import Balancer, Replica
 from inference_core.errors import (
     ClientDisconnected,
     GatewayError,
     InvalidRequest,
+    NotFound,
     PayloadTooLarge,
     RequestTimeout,
 )
 from inference_core.health import HealthMonitor
 from inference_core.observability import Metrics, RequestContext, configure_logging, record_of
-from inference_core.providers.base import Endpoint, Provider
+from inference_core.providers.base import Provider
 from inference_core.providers.openai import OpenAIProvider
 from inference_core.providers.vllm import VLLMProvider
 from inference_core.responses import EventStreamResponse, JSONBytes, unless_disconnected
-from inference_core.routing import Lifespan, Route, Router
+from inference_core.routing import Handler, Lifespan, Route, Router
 from inference_core.tracing import Tracer, tracer_from_environment
 from inference_core.upstream import create_transport
 
 #: A request header: at most this many gateway retries for this request (never more than configured).
 MAX_RETRIES_HEADER = "x-inference-max-retries"
-_SCHEMAS: dict[Endpoint, type[protocol.OpenModel]] = {
-    Endpoint.CHAT: protocol.ChatCompletionRequest,
-    Endpoint.COMPLETIONS: protocol.CompletionRequest,
-    Endpoint.EMBEDDINGS: protocol.EmbeddingRequest,
-}
+#: Methods whose unknown ``/v1`` paths answer 404 (only a POST naming a model is passed through).
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 async def read_json(request: Request, limit: int, within: float) -> tuple[Any, bytes]:
@@ -95,28 +94,36 @@ class Routes:
         self.metrics = metrics
         self.health_monitor = health
 
-    async def _forward(self, request: Request, endpoint: Endpoint) -> ASGIApp:
-        payload, raw = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
-        protocol.check(_SCHEMAS[endpoint], payload)
+    def _forwarder(self, endpoint: Endpoint) -> Handler:
+        async def forward(request: Request) -> ASGIApp:
+            payload, raw = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
+            return await self._forward(request, endpoint, payload, raw)
+
+        return forward
+
+    async def _forward(self, request: Request, endpoint: Endpoint, payload: Any, raw: bytes) -> ASGIApp:
+        protocol.check(endpoint.schema, payload)
         record = record_of(request.scope)
         call = Call(endpoint, payload, record.request_id, raw, _priority(payload, request), _max_retries(request))
         record.model = payload.get("model") or self.settings.model
         record.outcome = call.outcome
-        if endpoint is not Endpoint.EMBEDDINGS and payload.get("stream"):
+        if endpoint.streams and payload.get("stream"):
             record.stream = True
             stream = await unless_disconnected(request.receive, self.engine.stream(call))
             return EventStreamResponse(stream, record, self.metrics)
         reply = await unless_disconnected(request.receive, self.engine.complete(call))
         return JSONBytes(reply.body, reply.status, reply.headers)
 
-    async def chat(self, request: Request) -> ASGIApp:
-        return await self._forward(request, Endpoint.CHAT)
-
-    async def completions(self, request: Request) -> ASGIApp:
-        return await self._forward(request, Endpoint.COMPLETIONS)
-
-    async def embeddings(self, request: Request) -> ASGIApp:
-        return await self._forward(request, Endpoint.EMBEDDINGS)
+    async def passthrough(self, request: Request) -> ASGIApp:
+        """Any other ``POST /v1/...`` whose body names a model goes to the backend's same path."""
+        unknown = NotFound(f"Invalid URL ({request.method} {request.url.path}).")
+        if request.method != "POST":
+            raise unknown
+        endpoint = endpoints.passthrough(request.url.path)
+        payload, raw = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
+        if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
+            raise unknown
+        return await self._forward(request, endpoint, payload, raw)
 
     async def batch(self, request: Request) -> ASGIApp:
         """Many chat requests in, one result each out, in order; one failure fails only itself."""
@@ -142,7 +149,7 @@ class Routes:
                 raise InvalidRequest("Streaming is not available in a batch.", param="stream")
             priority = item.get("priority")
             priority = default_priority if priority is None else priority
-            call = Call(Endpoint.CHAT, item, request_id, priority=priority, max_retries=max_retries)
+            call = Call(endpoints.CHAT, item, request_id, priority=priority, max_retries=max_retries)
             return (await self.engine.complete(call)).body
         except GatewayError as exc:
             return exc.body()
@@ -180,9 +187,7 @@ class Routes:
 
     def table(self) -> list[Route]:
         return [
-            Route("/v1/chat/completions", {"POST": self.chat}),
-            Route("/v1/completions", {"POST": self.completions}),
-            Route("/v1/embeddings", {"POST": self.embeddings}),
+            *(Route(endpoint.path, {"POST": self._forwarder(endpoint)}) for endpoint in endpoints.FORWARDED),
             Route("/v1/models", {"GET": self.models}),
             Route("/v1/models/{model_id:path}", {"GET": self.model}),
             Route("/v1/batch/chat/completions", {"POST": self.batch}),
@@ -193,6 +198,7 @@ class Routes:
             Route("/openapi.json", {"GET": self.openapi_json}),
             Route("/docs", {"GET": self.docs}),
             *(Route(f"/docs/{name}", {"GET": self.docs_asset}) for name in openapi.SWAGGER_ASSETS),
+            Route(endpoints.PASSTHROUGH_ROUTE, dict.fromkeys(_METHODS, self.passthrough)),
         ]
 
 

@@ -19,6 +19,11 @@
         ├── BackendTimeout            504: no answer within INFERENCE_TIMEOUT
         └── UpstreamStatusError       the backend's own error status and (normalised) body
 
+Each class also says whether the client may send the same request again (``client_may_retry``,
+rendered as ``x-should-retry: false`` when not): the gateway's overload answers and timeouts may
+be retried; a bad request may not, nor may a failure of the backend, which the gateway has
+already retried as often as it was allowed to (a client retrying on top multiplies the attempts).
+
 Nothing here imports a web framework or an HTTP client: routes render these, transports raise them.
 """
 
@@ -126,11 +131,7 @@ class NoHealthyBackend(Overloaded):
 
 
 class UpstreamError(GatewayError):
-    """The backend could not give a usable answer, after the gateway's own retries.
-
-    The client must not retry: the gateway already did, as often as it was allowed to, and a
-    client retrying on top would multiply the attempts.
-    """
+    """The backend could not give a usable answer, after the gateway's own retries."""
 
 
 class BackendUnreachable(UpstreamError):

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from swagger_ui_bundle import swagger_ui_path
 
-from inference_core import __version__, protocol
+from inference_core import __version__, endpoints, protocol
 
 _REF = "#/components/schemas/{model}"
 _ERRORS = {
@@ -40,9 +40,10 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _operation(
-    summary: str, response: type[BaseModel], *, body: dict[str, Any] | None = None, stream: bool = False
+    summary: str, response: type[BaseModel] | None, *, body: dict[str, Any] | None = None, stream: bool = False
 ) -> dict[str, Any]:
-    ok: dict[str, Any] = {"description": "Success", "content": _json(_ref(response))}
+    answer = {"type": "object", "description": "The backend's answer, relayed"} if response is None else _ref(response)
+    ok: dict[str, Any] = {"description": "Success", "content": _json(answer)}
     if stream:
         ok["content"]["text/event-stream"] = {
             "schema": {"description": "With `stream: true`: `data: <chunk>` events, then `data: [DONE]`."}
@@ -60,25 +61,19 @@ def _operation(
 @functools.cache
 def document() -> bytes:
     models: list[type[BaseModel]] = [
-        protocol.ChatCompletionRequest, protocol.CompletionRequest, protocol.EmbeddingRequest,
-        protocol.ChatCompletion, protocol.ChatCompletionChunk, protocol.Completion, protocol.EmbeddingList,
-        protocol.Model, protocol.ModelList, protocol.ErrorResponse, protocol.BatchResponse,
+        protocol.ChatCompletionChunk, protocol.Model, protocol.ModelList, protocol.ErrorResponse,
+        protocol.BatchResponse,
     ]  # fmt: skip
-    _, schemas = models_json_schema([(model, "validation") for model in models], ref_template=_REF)
-    paths = {
-        "/v1/chat/completions": {
-            "post": _operation(
-                "Chat completion", protocol.ChatCompletion, body=_ref(protocol.ChatCompletionRequest), stream=True
-            )
-        },
-        "/v1/completions": {
-            "post": _operation(
-                "Text completion", protocol.Completion, body=_ref(protocol.CompletionRequest), stream=True
-            )
-        },
-        "/v1/embeddings": {
-            "post": _operation("Embeddings", protocol.EmbeddingList, body=_ref(protocol.EmbeddingRequest))
-        },
+    for endpoint in endpoints.FORWARDED:
+        models += [endpoint.schema] + ([endpoint.response] if endpoint.response else [])
+    _, schemas = models_json_schema([(model, "validation") for model in dict.fromkeys(models)], ref_template=_REF)
+    paths: dict[str, Any] = {
+        endpoint.path: {
+            "post": _operation(endpoint.summary, endpoint.response, body=_ref(endpoint.schema), stream=endpoint.streams)
+        }
+        for endpoint in endpoints.FORWARDED
+    }
+    paths |= {
         "/v1/models": {"get": _operation("List models", protocol.ModelList)},
         "/v1/models/{model_id}": {
             "get": {

@@ -94,6 +94,13 @@ class EmbeddingRequest(OpenModel):
     priority: int | None = Field(None, description="Queue priority: lower is served sooner.")
 
 
+class ModelRequest(OpenModel):
+    """Any other endpoint's body: checked only for what the gateway reads (the model, the priority)."""
+
+    model: str | None = Field(None, description="Defaults to INFERENCE_MODEL.")
+    priority: int | None = Field(None, description="Queue priority: lower is served sooner.")
+
+
 # Responses (documentation only: bodies are relayed as the backend wrote them).
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
 import pytest
 
+from inference_core import endpoints
 from inference_core.errors import InvalidRequest, UnsupportedParameter
-from inference_core.providers.base import Endpoint
+from inference_core.providers.base import Translation
 from inference_core.providers.openai import OpenAIProvider
 from inference_core.providers.vllm import VLLMProvider, parse_version
 
@@ -21,7 +24,7 @@ def test_parse_version(text: str, expected: tuple[int, ...]) -> None:
 
 def test_vllm_untouched_payload_is_not_copied() -> None:
     payload = {"model": "m", "messages": [], "top_k": 3}
-    translation = VLLMProvider().translate(Endpoint.CHAT, payload)
+    translation = VLLMProvider().translate(endpoints.CHAT, payload)
     assert translation.payload is payload and not translation.changed
 
 
@@ -29,8 +32,8 @@ def test_vllm_learns_old_version() -> None:
     provider = VLLMProvider()
     provider.learn(b'{"version": "0.10.1"}')
     payload = {"guided_json": {"type": "object"}}
-    assert VLLMProvider().translate(Endpoint.CHAT, payload).changed
-    assert not provider.translate(Endpoint.CHAT, payload).changed
+    assert VLLMProvider().translate(endpoints.CHAT, payload).changed
+    assert not provider.translate(endpoints.CHAT, payload).changed
 
 
 def test_vllm_error_code_becomes_openai_shaped() -> None:
@@ -53,12 +56,22 @@ def test_openai_error_is_relayed_byte_for_byte() -> None:
 
 def test_openai_completions_keep_best_of_and_echo() -> None:
     payload = {"prompt": "x", "best_of": 2, "echo": True}
-    assert OpenAIProvider().translate(Endpoint.COMPLETIONS, payload).dropped == ()
-    assert OpenAIProvider().translate(Endpoint.CHAT, {"messages": [], **payload}).dropped == ("best_of", "echo")
+    assert OpenAIProvider().translate(endpoints.COMPLETIONS, payload).dropped == ()
+    assert OpenAIProvider().translate(endpoints.CHAT, {"messages": [], **payload}).dropped == ("best_of", "echo")
 
 
 def test_openai_conflicting_schema_spellings() -> None:
     with pytest.raises(InvalidRequest):
-        OpenAIProvider().translate(Endpoint.CHAT, {"guided_json": {}, "response_format": {"type": "text"}})
+        OpenAIProvider().translate(endpoints.CHAT, {"guided_json": {}, "response_format": {"type": "text"}})
     with pytest.raises(UnsupportedParameter):
-        OpenAIProvider(drop_unsupported=False).translate(Endpoint.CHAT, {"min_p": 0.1})
+        OpenAIProvider(drop_unsupported=False).translate(endpoints.CHAT, {"min_p": 0.1})
+
+
+def test_vllm_routes_pass_through_untouched_and_are_refused_by_openai() -> None:
+    payload = {"model": "m", "prompt": "x", "guided_json": {}, "top_k": 3}
+    for endpoint in endpoints.VLLM:
+        assert VLLMProvider().translate(endpoint, payload) == Translation(payload, changed=False)
+        with pytest.raises(InvalidRequest, match=re.escape(endpoint.path)):
+            OpenAIProvider().translate(endpoint, payload)
+    other = endpoints.passthrough("/v1/moderations")
+    assert OpenAIProvider().translate(other, payload) == Translation(payload, changed=False)

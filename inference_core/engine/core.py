@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from inference_core import sse
+from inference_core.endpoints import Endpoint
 from inference_core.engine import retry
 from inference_core.engine.admission import Admission
 from inference_core.engine.ratelimit import RateLimiter
@@ -29,7 +30,7 @@ from inference_core.errors import (
     NoHealthyBackend,
     UpstreamStatusError,
 )
-from inference_core.providers.base import Endpoint, Payload, Provider
+from inference_core.providers.base import Payload, Provider
 from inference_core.tracing import NO_TRACER, AttributeValue, Span, Tracer
 from inference_core.upstream import UpstreamResponse
 
@@ -39,7 +40,6 @@ RETRIES_HEADER = "x-inference-retries"
 PROBE_TIMEOUT_SECONDS = 5.0
 
 log = logging.getLogger("inference_core")
-_OPERATIONS = {Endpoint.CHAT: "chat", Endpoint.COMPLETIONS: "text_completion", Endpoint.EMBEDDINGS: "embeddings"}
 _REQUEST_ATTRIBUTES = (
     ("max_tokens", "gen_ai.request.max_tokens"),
     ("temperature", "gen_ai.request.temperature"),
@@ -324,7 +324,7 @@ class Engine:
         self.tracer.inject(request_headers)
         response = await replica.transport.request(
             "POST",
-            call.endpoint.value,
+            call.endpoint.upstream,
             headers=request_headers,
             body=raw,
             within=within,
@@ -353,7 +353,7 @@ class Engine:
     def _span_details(self, call: Call) -> tuple[str, dict[str, AttributeValue]]:
         """An upstream attempt's span name and OpenTelemetry GenAI attributes."""
         payload = call.payload
-        operation = _OPERATIONS[call.endpoint]
+        operation = call.endpoint.operation
         model = payload.get("model") or self.default_model
         attributes: dict[str, AttributeValue] = {
             "gen_ai.operation.name": operation,

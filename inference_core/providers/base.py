@@ -7,22 +7,14 @@ payload its backend wants, and the backend's failures into OpenAI errors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Protocol
 
 import orjson
 
+from inference_core.endpoints import Endpoint
 from inference_core.errors import UpstreamStatusError
 
 Payload = dict[str, Any]
-
-
-class Endpoint(StrEnum):
-    """An OpenAI operation the gateway forwards; the value is its path under the API root."""
-
-    CHAT = "chat/completions"
-    COMPLETIONS = "completions"
-    EMBEDDINGS = "embeddings"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +39,9 @@ class Provider(Protocol):
 
     def learn(self, body: bytes) -> None: ...
 
-    def translate(self, endpoint: Endpoint, payload: Payload) -> Translation: ...
+    def translate(self, endpoint: Endpoint, payload: Payload) -> Translation:
+        """The body for the backend; endpoints outside ``endpoints.OPENAI`` pass through untouched."""
+        ...
 
     def classify_error(self, status: int, body: bytes) -> UpstreamStatusError: ...
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import orjson
 
+from inference_core.endpoints import CHAT, OPENAI, Endpoint
 from inference_core.errors import InvalidRequest, UnsupportedParameter, UpstreamStatusError
-from inference_core.providers.base import Endpoint, Payload, Translation, error_payload, normalise_error
+from inference_core.providers.base import Payload, Translation, error_payload, normalise_error
 
 #: vLLM extensions that OpenAI rejects, for every endpoint.
 _VLLM_ONLY = frozenset(
@@ -47,7 +48,11 @@ class OpenAIProvider:
         """OpenAI needs no discovery."""
 
     def translate(self, endpoint: Endpoint, payload: Payload) -> Translation:
-        unsupported = _VLLM_ONLY | _CHAT_ONLY_VLLM if endpoint is Endpoint.CHAT else _VLLM_ONLY
+        if endpoint.vllm_only:
+            raise InvalidRequest(f"{endpoint.path} is served by vLLM backends only, not by OpenAI.")
+        if endpoint not in OPENAI:
+            return Translation(payload, changed=False)
+        unsupported = _VLLM_ONLY | _CHAT_ONLY_VLLM if endpoint is CHAT else _VLLM_ONLY
         guided = _json_schema(payload)
         translated = guided[0] if guided else None
         dropped = tuple(field for field in payload if field in unsupported and field != translated)

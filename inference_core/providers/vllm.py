@@ -11,8 +11,9 @@ import re
 
 import orjson
 
+from inference_core.endpoints import CHAT, COMPLETIONS, Endpoint
 from inference_core.errors import UpstreamStatusError
-from inference_core.providers.base import Endpoint, Payload, Translation, normalise_error
+from inference_core.providers.base import Payload, Translation, normalise_error
 
 #: guided_* field -> its key inside ``structured_outputs``.
 GUIDED_FIELDS = {
@@ -48,7 +49,7 @@ class VLLMProvider:
             self.translate_guided = parse_version(version) >= STRUCTURED_OUTPUTS_SINCE
 
     def translate(self, endpoint: Endpoint, payload: Payload) -> Translation:
-        if endpoint is Endpoint.EMBEDDINGS or not self.translate_guided:
+        if (endpoint is not CHAT and endpoint is not COMPLETIONS) or not self.translate_guided:
             return Translation(payload, changed=False)
         guided = [field for field in GUIDED_FIELDS if field in payload]
         if not guided:

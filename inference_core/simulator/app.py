@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from inference_core.simulator import generate
+from inference_core.simulator import generate, native
 
 #: Chat fields the OpenAI API knows; anything else is refused in ``openai`` mode, as OpenAI does.
 OPENAI_CHAT_FIELDS = frozenset(
@@ -264,6 +264,12 @@ class Simulator:
         if path == "/v1/embeddings":
             self._check(body, OPENAI_EMBEDDING_FIELDS)
             return self.embed(body)
+        if self.vllm:
+            self._check(body, frozenset())
+            if path in native.ROUTES:
+                return _json(native.ROUTES[path](body))
+            # Any other route naming a model: "the next endpoint vLLM adds", echoing what it got.
+            return _json({"object": "echo", "path": path, "body": body})
         raise self.error(404, "Not Found")
 
     # Completions.
@@ -543,11 +549,13 @@ def create_simulator(config: SimulatorConfig | None = None) -> Starlette:
         Route("/v1/chat/completions", simulator.handle, methods=["POST"]),
         Route("/v1/completions", simulator.handle, methods=["POST"]),
         Route("/v1/embeddings", simulator.handle, methods=["POST"]),
+        *(Route(path, simulator.handle, methods=["POST"]) for path in native.ROUTES),
         Route("/v1/models", simulator.handle, methods=["GET"]),
         Route("/version", simulator.handle, methods=["GET"]),
         Route("/health", simulator.handle, methods=["GET"]),
         Route("/metrics", simulator.handle, methods=["GET"]),
         Route("/_sim/stats", simulator.stats_view, methods=["GET"]),
         Route("/_sim/reset", simulator.reset, methods=["POST"]),
+        Route("/v1/{rest:path}", simulator.handle, methods=["POST"]),
     ]
     return Starlette(routes=served)

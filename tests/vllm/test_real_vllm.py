@@ -179,3 +179,16 @@ def test_vllm_errors_reach_the_client(gateway: Server, client: openai.OpenAI) ->
     error = too_long.json()["error"]
     assert error["param"] == "max_tokens" and "max_tokens" in error["message"]
     assert error["type"] == "invalid_request_error" and error["code"] is None
+
+
+def test_vllm_own_routes_pass_through(gateway: Server, embed_gateway: Server) -> None:
+    """vLLM's tokenizer and a pooling route, reached through the gateway's passthrough table."""
+    tokens = httpx.post(gateway.url + "/tokenize", json={"model": MODEL, "prompt": "def main():"}, timeout=60)
+    assert tokens.status_code == 200, tokens.text
+    ids = tokens.json()["tokens"]
+    assert tokens.json()["count"] == len(ids) > 0
+    text = httpx.post(gateway.url + "/detokenize", json={"model": MODEL, "tokens": ids}, timeout=60)
+    assert text.status_code == 200 and "main" in text.json()["prompt"]
+    pooled = httpx.post(embed_gateway.url + "/pooling", json={"model": EMBEDDING_MODEL, "input": "x"}, timeout=60)
+    assert pooled.status_code == 200, pooled.text
+    assert pooled.json()["data"][0]["data"]

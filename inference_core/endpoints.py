@@ -1,0 +1,87 @@
+"""Every endpoint the gateway forwards to a backend, declared once.
+
+Routes, ``/openapi.json``, metric labels (the path) and span names (the operation) all come
+from this table, so a new endpoint is one entry here, plus a translation in a provider where a
+backend needs one. vLLM's own routes are passed through untouched; any other ``POST /v1/...``
+whose body names a model is too (``passthrough``), so the next endpoint vLLM adds works on day one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from inference_core import protocol
+from inference_core.errors import NotFound
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    #: The route clients call; also the metric label and log field.
+    path: str
+    #: Where it goes, relative to the backend's API root (``../tokenize`` climbs above ``/v1``).
+    upstream: str
+    #: The span name's first word and ``gen_ai.operation.name``.
+    operation: str
+    summary: str
+    #: Checked before the request is forwarded, and shown in /docs.
+    schema: type[protocol.OpenModel] = protocol.ModelRequest
+    #: The answer's shape, for /docs (None: whatever the backend answers).
+    response: type[BaseModel] | None = None
+    #: ``"stream": true`` is answered with server-sent events.
+    streams: bool = False
+    #: Only vLLM serves it: a backend of another kind answers 400 naming the endpoint.
+    vllm_only: bool = False
+
+
+CHAT = Endpoint(
+    "/v1/chat/completions", "chat/completions", "chat", "Chat completion",
+    protocol.ChatCompletionRequest, protocol.ChatCompletion, streams=True,
+)  # fmt: skip
+COMPLETIONS = Endpoint(
+    "/v1/completions", "completions", "text_completion", "Text completion",
+    protocol.CompletionRequest, protocol.Completion, streams=True,
+)  # fmt: skip
+EMBEDDINGS = Endpoint(
+    "/v1/embeddings", "embeddings", "embeddings", "Embeddings", protocol.EmbeddingRequest, protocol.EmbeddingList
+)
+#: The endpoints whose requests providers translate; the others pass through untouched.
+OPENAI = (CHAT, COMPLETIONS, EMBEDDINGS)
+
+
+def _vllm(path: str, operation: str, summary: str) -> Endpoint:
+    upstream = path.removeprefix("/v1/") if path.startswith("/v1/") else ".." + path
+    return Endpoint(path, upstream, operation, f"{summary} (vLLM's own API, passed through)", vllm_only=True)
+
+
+VLLM = (
+    _vllm("/tokenize", "tokenize", "Tokenize a prompt or chat messages"),
+    _vllm("/detokenize", "detokenize", "Token ids back to text"),
+    _vllm("/pooling", "pooling", "A pooling model's raw outputs"),
+    _vllm("/classify", "classify", "Classification"),
+    _vllm("/score", "score", "Similarity scores of text pairs"),
+    _vllm("/v1/score", "score", "Similarity scores of text pairs"),
+    _vllm("/rerank", "rerank", "Documents ranked by relevance to a query"),
+    _vllm("/v1/rerank", "rerank", "Documents ranked by relevance to a query"),
+    _vllm("/v2/rerank", "rerank", "Documents ranked by relevance to a query"),
+    _vllm("/v1/chat/completions/batch", "chat", "Several chat conversations in one call"),
+)
+FORWARDED = (*OPENAI, *VLLM)
+
+#: The route of ``passthrough``: one bounded metric label for every endpoint it serves.
+PASSTHROUGH_ROUTE = "/v1/{path:path}"
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_~-]+(?:[/.][A-Za-z0-9_~-]+)*")
+
+
+def passthrough(path: str) -> Endpoint:
+    """An endpoint under ``/v1`` that the table does not name, forwarded to the same path.
+
+    Only plain paths go upstream (no ``..``, no empty segment, nothing to escape): anything
+    else is a route the gateway does not know.
+    """
+    rest = path.removeprefix("/v1/")
+    if not _SAFE_PATH.fullmatch(rest) or ".." in rest:
+        raise NotFound(f"Invalid URL (POST {path}).")
+    return Endpoint(PASSTHROUGH_ROUTE, rest, "other", "Any other endpoint of the backend's that names a model")
