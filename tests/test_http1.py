@@ -139,6 +139,23 @@ async def started(client: HTTP1Transport) -> HTTP1Transport:
     return client
 
 
+async def exchange(
+    script: Script, *, count: int = 1, pause: float = 0.0, stream: bool = False, **options: Any
+) -> tuple[list[tuple[int, dict[str, str], bytes]], Upstream]:
+    """``count`` requests one after another from one client to a server running ``script``.
+
+    Returns the answers and the server (what it saw); a failure is raised as the client raised it.
+    """
+    async with Upstream(script) as upstream:
+        client = await started(transport(upstream, **options))
+        answers = []
+        for index in range(count):
+            if index:
+                await asyncio.sleep(pause)
+            answers.append(await fetch(client, stream=stream))
+        return answers, upstream
+
+
 # Interim answers.
 
 
@@ -181,12 +198,8 @@ def test_switching_protocols_is_refused(run: Run[None]) -> None:
         await peer.send(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\nxyz")
         await asyncio.sleep(1)
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            with pytest.raises(BadUpstreamResponse):
-                await fetch(await started(transport(upstream)))
-
-    run(main())
+    with pytest.raises(BadUpstreamResponse):
+        run(exchange(script))
 
 
 # Bytes that belong to no request.
@@ -228,15 +241,8 @@ def test_bytes_on_an_idle_connection_close_it(run: Run[None]) -> None:
         else:
             await peer.serve(lambda _: peer.send(ok(b"second")))
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            client = await started(transport(upstream, timeout=5))
-            assert (await fetch(client))[2] == b"first"
-            await asyncio.sleep(0.2)
-            assert (await fetch(client))[2] == b"second"
-            assert upstream.connections == 2
-
-    run(main())
+    answers, upstream = run(exchange(script, count=2, pause=0.2, timeout=5))
+    assert [body for _, _, body in answers] == [b"first", b"second"] and upstream.connections == 2
 
 
 @pytest.mark.parametrize("extra", [b"hello world", b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"])
@@ -244,14 +250,8 @@ def test_more_body_than_content_length_closes_the_connection(run: Run[None], ext
     async def script(peer: Peer) -> None:
         await peer.serve(lambda _: peer.send(ok(b"12345") + extra))
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            client = await started(transport(upstream))
-            assert (await fetch(client))[2] == b"12345"
-            assert (await fetch(client))[2] == b"12345"
-            assert upstream.connections == 2
-
-    run(main())
+    answers, upstream = run(exchange(script, count=2))
+    assert [body for _, _, body in answers] == [b"12345", b"12345"] and upstream.connections == 2
 
 
 # Stale keep-alive.
@@ -266,45 +266,35 @@ def test_a_stale_keep_alive_connection_is_retried_once_on_a_new_one(run: Run[Non
             return
         await peer.serve(lambda _: peer.send(ok(b"again")))
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            client = await started(transport(upstream))
-            assert (await fetch(client))[2] == b"first"
-            assert (await fetch(client))[2] == b"again"
-            assert (upstream.connections, len(upstream.requests)) == (2, 3)
-
-    run(main())
+    answers, upstream = run(exchange(script, count=2))
+    assert [body for _, _, body in answers] == [b"first", b"again"]
+    assert (upstream.connections, len(upstream.requests)) == (2, 3)
 
 
 def test_a_new_connection_closed_unanswered_is_not_retried_here(run: Run[None]) -> None:
+    seen: list[bytes | None] = []
+
     async def script(peer: Peer) -> None:
-        await peer.request()
+        seen.append(await peer.request())
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            with pytest.raises(BackendUnreachable):
-                await fetch(await started(transport(upstream)))
-            assert upstream.connections == 1
-
-    run(main())
+    with pytest.raises(BackendUnreachable):
+        run(exchange(script))
+    assert len(seen) == 1
 
 
 def test_a_stale_connection_that_began_its_answer_is_not_retried(run: Run[None]) -> None:
+    connections: list[int] = []
+
     async def script(peer: Peer) -> None:
+        connections.append(peer.index)
         await peer.request()
         await peer.send(ok(b"first"))
         await peer.request()
         await peer.send(b"HTTP/1.1 200 OK\r\ncontent-le")
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            client = await started(transport(upstream))
-            await fetch(client)
-            with pytest.raises(BackendUnreachable):
-                await fetch(client)
-            assert upstream.connections == 1
-
-    run(main())
+    with pytest.raises(BackendUnreachable):
+        run(exchange(script, count=2))
+    assert connections == [0]
 
 
 # Limits on the answer's head.
@@ -324,12 +314,8 @@ def test_oversized_heads_are_refused(run: Run[None], head: bytes) -> None:
         await peer.send(b"HTTP/1.1 200 OK\r\n" + head + b"content-length: 2\r\n\r\n{}")
         await asyncio.sleep(1)
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            with pytest.raises(BadUpstreamResponse):
-                await fetch(await started(transport(upstream)))
-
-    run(main())
+    with pytest.raises(BadUpstreamResponse):
+        run(exchange(script))
 
 
 def test_an_endless_head_is_cut_off_without_buffering_it(run: Run[None]) -> None:
@@ -344,13 +330,8 @@ def test_an_endless_head_is_cut_off_without_buffering_it(run: Run[None]) -> None
             await peer.writer.drain()
             written += 16384
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            with pytest.raises(BadUpstreamResponse):
-                await fetch(await started(transport(upstream, timeout=20)))
-            await asyncio.sleep(0.1)
-
-    run(main())
+    with pytest.raises(BadUpstreamResponse):
+        run(exchange(script, timeout=20))
     assert written < 8 * 1024 * 1024  # what the socket buffers held when the gateway hung up
 
 
@@ -370,12 +351,8 @@ def test_a_reset_in_the_middle_of_a_body_is_a_failure(run: Run[None], stream: bo
         await asyncio.sleep(0.05)
         peer.reset()
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            with pytest.raises(BadUpstreamResponse):
-                await fetch(await started(transport(upstream)), stream=stream)
-
-    run(main())
+    with pytest.raises(BadUpstreamResponse):
+        run(exchange(script, stream=stream))
 
 
 @pytest.mark.parametrize(
@@ -399,15 +376,9 @@ def test_framings(run: Run[None], answer: bytes, reused: bool) -> None:
             if not reused:
                 return  # the body may end where the connection does
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            client = await started(transport(upstream))
-            for _ in range(2):
-                status, _, body = await fetch(client)
-                assert (status, body) == (200, b"hello, world")
-            assert upstream.connections == (1 if reused else 2)
-
-    run(main())
+    answers, upstream = run(exchange(script, count=2))
+    assert [(status, body) for status, _, body in answers] == [(200, b"hello, world")] * 2
+    assert upstream.connections == (1 if reused else 2)
 
 
 def test_a_body_shorter_than_its_length_is_a_failure(run: Run[None]) -> None:
@@ -415,12 +386,8 @@ def test_a_body_shorter_than_its_length_is_a_failure(run: Run[None]) -> None:
         await peer.request()
         await peer.send(b'HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n{"id": ')
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            with pytest.raises(BadUpstreamResponse):
-                await fetch(await started(transport(upstream)))
-
-    run(main())
+    with pytest.raises(BadUpstreamResponse):
+        run(exchange(script))
 
 
 # What goes on the wire.
@@ -496,12 +463,8 @@ def test_undecodable_answers_are_refused(run: Run[None], encoding: str, body: by
         await peer.send(ok(body, extra=b"content-encoding: " + encoding.encode() + b"\r\n"))
         await asyncio.sleep(1)
 
-    async def main() -> None:
-        async with Upstream(script) as upstream:
-            with pytest.raises(BadUpstreamResponse):
-                await fetch(await started(transport(upstream)))
-
-    run(main())
+    with pytest.raises(BadUpstreamResponse):
+        run(exchange(script))
 
 
 def test_a_stream_nobody_reads_stops_being_read(run: Run[None]) -> None:
