@@ -23,6 +23,7 @@ from inference_core.auth import GatewayKeys, parse_keys
 from inference_core.config import ConfigError, ProviderType, Settings, load_settings
 from inference_core.endpoints import Endpoint
 from inference_core.engine import Admission, Call, Engine, RateLimiter, RetryPolicy
+from inference_core.engine.affinity import ResponseAffinity
 from inference_core.engine.replicas import Balancer, Replica
 from inference_core.errors import (
     ClientDisconnected,
@@ -104,13 +105,25 @@ class Routes:
     async def _forward(self, request: Request, endpoint: Endpoint, payload: Any, raw: bytes) -> ASGIApp:
         protocol.check(endpoint.schema, payload)
         record = record_of(request.scope)
-        call = Call(endpoint, payload, record.request_id, raw, _priority(payload, request), _max_retries(request))
+        previous = payload.get("previous_response_id") if endpoint.stores_responses else None
+        call = Call(
+            endpoint, payload, record.request_id, raw, _priority(payload, request), _max_retries(request), previous
+        )
         record.model = payload.get("model") or self.settings.model
         record.outcome = call.outcome
         if endpoint.streams and payload.get("stream"):
             record.stream = True
             stream = await unless_disconnected(request.receive, self.engine.stream(call))
             return EventStreamResponse(stream, record, self.metrics)
+        reply = await unless_disconnected(request.receive, self.engine.complete(call))
+        return JSONBytes(reply.body, reply.status, reply.headers)
+
+    async def stored_response(self, request: Request) -> ASGIApp:
+        """Retrieve, delete or cancel a stored response, or list its input items, where it is stored."""
+        endpoint, response_id = endpoints.stored_response(request.method, request.path_params["response_id"])
+        record = record_of(request.scope)
+        call = Call(endpoint, {}, record.request_id, None, _priority({}, request), _max_retries(request), response_id)
+        record.outcome = call.outcome
         reply = await unless_disconnected(request.receive, self.engine.complete(call))
         return JSONBytes(reply.body, reply.status, reply.headers)
 
@@ -198,6 +211,7 @@ class Routes:
             Route("/openapi.json", {"GET": self.openapi_json}),
             Route("/docs", {"GET": self.docs}),
             *(Route(f"/docs/{name}", {"GET": self.docs_asset}) for name in openapi.SWAGGER_ASSETS),
+            Route(endpoints.RESPONSE_ROUTE, dict.fromkeys(_METHODS, self.stored_response)),
             Route(endpoints.PASSTHROUGH_ROUTE, dict.fromkeys(_METHODS, self.passthrough)),
         ]
 
@@ -287,6 +301,7 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
         rate_limiter=rate_limiter,
         on_retry=metrics.retried,
         tracer=tracer,
+        affinity=ResponseAffinity(settings.response_affinity_size),
     )
     metrics.watch(admission, balancer, (lambda: rate_limiter.rate) if rate_limiter is not None else None)
     health = HealthMonitor(engine, metrics, interval=settings.probe_interval, shutdown_grace=settings.shutdown_grace)

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
         LBPolicy.LEAST_OUTSTANDING,
         description="Spreading over replicas: least_outstanding, round_robin, load_aware or prefix_affinity.",
     )
+    response_affinity_size: Annotated[int, Field(ge=1)] = Field(
+        100_000,
+        description="Stored response ids whose replica the gateway remembers, for previous_response_id "
+        "(least recently used forgotten first).",
+    )
     eject_after: Annotated[int, Field(ge=1)] = Field(
         3, description="Consecutive failures (probes or requests) that take a replica out of rotation."
     )

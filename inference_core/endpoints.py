@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from inference_core import protocol
 from inference_core.errors import NotFound
+from inference_core.sse import DONE_MARKERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,13 @@ class Endpoint:
     streams: bool = False
     #: Only vLLM serves it: a backend of another kind answers 400 naming the endpoint.
     vllm_only: bool = False
+    #: What the last event of a complete stream holds (a stream cut before it is an error).
+    stream_ends: tuple[bytes, ...] = DONE_MARKERS
+    #: Its answers create stored responses whose replica must be remembered (``previous_response_id``).
+    stores_responses: bool = False
+    method: str = "POST"
+    #: The request carries a JSON body (the calls on one stored response carry none).
+    body: bool = True
 
 
 CHAT = Endpoint(
@@ -49,6 +57,14 @@ EMBEDDINGS = Endpoint(
 )
 #: The endpoints whose requests providers translate; the others pass through untouched.
 OPENAI = (CHAT, COMPLETIONS, EMBEDDINGS)
+RESPONSES = Endpoint(
+    "/v1/responses", "responses", "responses", "Create a model response (OpenAI's Responses API)",
+    protocol.ResponsesRequest, streams=True, stores_responses=True,
+    stream_ends=(b"response.completed", b"response.failed", b"response.incomplete"),
+)  # fmt: skip
+#: ``/v1/responses/{response_id}`` and what hangs under it, each sent to the replica holding the response.
+RESPONSE_ROUTE = "/v1/responses/{response_id:path}"
+_RESPONSE_CALLS = {("GET", ""), ("DELETE", ""), ("POST", "/cancel"), ("GET", "/input_items")}
 
 
 def _vllm(path: str, operation: str, summary: str) -> Endpoint:
@@ -68,7 +84,7 @@ VLLM = (
     _vllm("/v2/rerank", "rerank", "Documents ranked by relevance to a query"),
     _vllm("/v1/chat/completions/batch", "chat", "Several chat conversations in one call"),
 )
-FORWARDED = (*OPENAI, *VLLM)
+FORWARDED = (*OPENAI, RESPONSES, *VLLM)
 
 #: The route of ``passthrough``: one bounded metric label for every endpoint it serves.
 PASSTHROUGH_ROUTE = "/v1/{path:path}"
@@ -85,3 +101,13 @@ def passthrough(path: str) -> Endpoint:
     if not _SAFE_PATH.fullmatch(rest) or ".." in rest:
         raise NotFound(f"Invalid URL (POST {path}).")
     return Endpoint(PASSTHROUGH_ROUTE, rest, "other", "Any other endpoint of the backend's that names a model")
+
+
+def stored_response(method: str, rest: str) -> tuple[Endpoint, str]:
+    """A call on one stored response (``rest`` is what follows ``/v1/responses/``) and its id."""
+    response_id, slash, action = rest.partition("/")
+    if (method, slash + action) not in _RESPONSE_CALLS or not _SAFE_PATH.fullmatch(response_id):
+        raise NotFound(f"Invalid URL ({method} /v1/responses/{rest}).")
+    summary = "A stored response: retrieve, delete, cancel, or list its input items"
+    endpoint = Endpoint(RESPONSE_ROUTE, f"responses/{rest}", "responses", summary, method=method, body=False)
+    return endpoint, response_id

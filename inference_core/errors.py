@@ -3,7 +3,7 @@
     GatewayError                      any failure answered with an OpenAI error body
     ├── InvalidRequest                400: the client's request is wrong
     │   └── UnsupportedParameter      400: the backend cannot honour a parameter
-    ├── NotFound                      404: unknown route or model
+    ├── NotFound                      404: unknown route, model or stored response
     ├── MethodNotAllowed              405
     ├── RequestTimeout                408: the body did not arrive in time
     ├── PayloadTooLarge               413: body over INFERENCE_MAX_BODY_BYTES
@@ -75,6 +75,10 @@ class NotFound(GatewayError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class ResponseNotFound(NotFound):
+    code = "response_not_found"
 
 
 class MethodNotAllowed(GatewayError):

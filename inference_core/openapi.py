@@ -73,7 +73,18 @@ def document() -> bytes:
         }
         for endpoint in endpoints.FORWARDED
     }
+    stored = [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+    def on_stored(summary: str) -> dict[str, Any]:
+        return {**_operation(summary + " (sent to the replica that stored it)", None), "parameters": stored}
+
     paths |= {
+        "/v1/responses/{response_id}": {
+            "get": on_stored("Retrieve a stored response"),
+            "delete": on_stored("Delete a stored response"),
+        },
+        "/v1/responses/{response_id}/cancel": {"post": on_stored("Cancel a background response")},
+        "/v1/responses/{response_id}/input_items": {"get": on_stored("A stored response's input items")},
         "/v1/models": {"get": _operation("List models", protocol.ModelList)},
         "/v1/models/{model_id}": {
             "get": {

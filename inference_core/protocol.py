@@ -94,6 +94,18 @@ class EmbeddingRequest(OpenModel):
     priority: int | None = Field(None, description="Queue priority: lower is served sooner.")
 
 
+class ResponsesRequest(OpenModel):
+    """OpenAI's Responses API: checked for what the gateway reads; everything else passes through."""
+
+    model: str | None = Field(None, description="Defaults to INFERENCE_MODEL.")
+    input: str | list[Any] | None = None
+    previous_response_id: str | None = Field(
+        None, description="Sent to the replica that created that response (vLLM stores them per replica)."
+    )
+    stream: bool = False
+    priority: int | None = Field(None, description="Queue priority: lower is served sooner.")
+
+
 class ModelRequest(OpenModel):
     """Any other endpoint's body: checked only for what the gateway reads (the model, the priority)."""
 

@@ -14,6 +14,8 @@ import orjson
 from inference_core.errors import BadUpstreamResponse
 
 DONE = b"data: [DONE]\n\n"
+#: What the last event of a complete stream holds: OpenAI's chat and text completions.
+DONE_MARKERS = (b"data: [DONE]",)
 _SEPARATORS = (b"\n\n", b"\r\n\r\n")
 
 
@@ -41,6 +43,22 @@ def usage(frames: bytes) -> object:
     return None
 
 
+def created_response_id(frames: bytes) -> str | None:
+    """The id of the response a Responses API ``response.created`` event in ``frames`` announces."""
+    for event in frames.split(b"\n\n"):
+        if b"response.created" not in event:
+            continue
+        for line in event.splitlines():
+            if line.startswith(b"data:"):
+                try:
+                    response = orjson.loads(line[5:]).get("response")
+                except (orjson.JSONDecodeError, AttributeError):
+                    return None
+                found = response.get("id") if isinstance(response, dict) else None
+                return found if isinstance(found, str) else None
+    return None
+
+
 def _last_boundary(buffer: bytes) -> int:
     """Index just past the last complete frame in ``buffer``, or 0."""
     return max(
@@ -49,11 +67,12 @@ def _last_boundary(buffer: bytes) -> int:
     )
 
 
-async def whole_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def whole_frames(chunks: AsyncIterator[bytes], ends: tuple[bytes, ...] = DONE_MARKERS) -> AsyncIterator[bytes]:
     """Re-cut ``chunks`` so that every piece ends at a frame boundary.
 
-    Raises ``BadUpstreamResponse`` when the upstream ends without ``data: [DONE]``: a client
-    must never take a truncated answer for a complete one.
+    Raises ``BadUpstreamResponse`` when the upstream stops before an event holding one of
+    ``ends`` (``data: [DONE]``, or the Responses API's ``response.completed``...): a client must
+    never take a truncated answer for a complete one.
     """
     pending = b""
     last = b""
@@ -68,5 +87,6 @@ async def whole_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             ready, pending = pending[:cut], pending[cut:]
             last = ready
             yield ready
-    if pending.strip() or not last.rstrip().endswith(b"[DONE]"):
+    final = last.rstrip().rsplit(b"\n\n", 1)[-1]
+    if pending.strip() or not any(marker in final for marker in ends):
         raise BadUpstreamResponse("The backend's stream ended before it was complete.")

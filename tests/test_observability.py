@@ -115,7 +115,10 @@ def _log_line(server: Server, request_id: str) -> dict[str, object]:
     for _ in range(50):
         for line in server.output.splitlines():
             if request_id in line and '"logger":"inference_core.access"' in line:
-                return json.loads(line)
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    break  # read while the line was being written: read again
         time.sleep(0.05)
     raise AssertionError(f"no access log line for {request_id}:\n{server.output[-2000:]}")
 

@@ -21,6 +21,7 @@ from inference_core import sse
 from inference_core.endpoints import Endpoint
 from inference_core.engine import retry
 from inference_core.engine.admission import Admission
+from inference_core.engine.affinity import ResponseAffinity
 from inference_core.engine.ratelimit import RateLimiter
 from inference_core.engine.replicas import Balancer, Load, Replica
 from inference_core.errors import (
@@ -28,6 +29,7 @@ from inference_core.errors import (
     GatewayError,
     ModelNotFound,
     NoHealthyBackend,
+    ResponseNotFound,
     UpstreamStatusError,
 )
 from inference_core.providers.base import Payload, Provider
@@ -70,9 +72,10 @@ class Outcome:
         return {QUEUE_MS_HEADER: f"{self.queued * 1000:.1f}", RETRIES_HEADER: str(self.retries)}
 
     def count_usage(self, usage: object) -> None:
+        """Chat and completions say prompt/completion tokens; the Responses API says input/output."""
         if isinstance(usage, dict):
-            self.prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
-            self.completion_tokens = _int_or_none(usage.get("completion_tokens"))
+            self.prompt_tokens = _int_or_none(usage.get("prompt_tokens", usage.get("input_tokens")))
+            self.completion_tokens = _int_or_none(usage.get("completion_tokens", usage.get("output_tokens")))
 
 
 def _int_or_none(value: object) -> int | None:
@@ -90,6 +93,8 @@ class Call:
     priority: int = 0
     #: Fewer retries than configured, if the client asked for fewer (``x-inference-max-retries``).
     max_retries: int | None = None
+    #: A stored response this call builds on or acts on: it must reach the replica holding it.
+    response_id: str | None = None
     outcome: Outcome = field(default_factory=Outcome)
 
 
@@ -161,6 +166,7 @@ class Engine:
         rate_limiter: RateLimiter | None = None,
         on_retry: Callable[[retry.RetryEvent], None] | None = None,
         tracer: Tracer = NO_TRACER,
+        affinity: ResponseAffinity | None = None,
     ) -> None:
         self.provider = provider
         self.balancer = balancer
@@ -171,6 +177,7 @@ class Engine:
         self.rate_limiter = rate_limiter
         self.on_retry = on_retry
         self.tracer = tracer
+        self.affinity = ResponseAffinity(100_000) if affinity is None else affinity
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.discovered = False
 
@@ -198,22 +205,26 @@ class Engine:
 
     async def complete(self, call: Call) -> Reply:
         outcome = call.outcome
+        pinned = self._holder(call)
         await self._admit(call)
         try:
-            _, headers, body = await self._with_retries(call, stream=False)
+            _, headers, body = await self._with_retries(call, pinned, stream=False)
         except GatewayError as error:
             error.headers.update(outcome.headers())
             raise
         finally:
             self.admission.release()
         assert body is not None
+        if call.endpoint.method == "DELETE" and call.response_id is not None:
+            self.affinity.forget(call.response_id)
         return Reply(body, headers | outcome.headers())
 
     async def stream(self, call: Call) -> Stream:
         """Start a stream; its slot is held until ``Stream.aclose``."""
+        pinned = self._holder(call)
         await self._admit(call)
         try:
-            sent, headers, _ = await self._with_retries(call, stream=True)
+            sent, headers, _ = await self._with_retries(call, pinned, stream=True)
         except BaseException as error:
             self.admission.release()
             if isinstance(error, GatewayError):
@@ -224,17 +235,40 @@ class Engine:
             sent.replica.in_flight -= 1
             self.admission.release()
 
-        frames = sse.whole_frames(sent.response.chunks())
+        frames = sse.whole_frames(sent.response.chunks(), call.endpoint.stream_ends)
+        if call.endpoint.stores_responses:
+            frames = self._remembering(frames, sent.replica)
         return Stream(frames, headers | call.outcome.headers(), sent.response, release)
+
+    def _holder(self, call: Call) -> Replica | None:
+        """The replica holding the stored response ``call`` is about; None when it is about none."""
+        if call.response_id is None:
+            return None
+        name = self.affinity.replica_of(call.response_id)
+        holder = next((replica for replica in self.balancer.replicas if replica.name == name), None)
+        if holder is None:
+            raise ResponseNotFound(f"No response with id '{call.response_id}' is known.", param="response_id")
+        return holder
+
+    async def _remembering(self, frames: AsyncIterator[bytes], replica: Replica) -> AsyncIterator[bytes]:
+        """Relay ``frames``, noting which replica holds the response the stream creates."""
+        async for frame in frames:
+            if b"response.created" in frame:
+                created = sse.created_response_id(frame)
+                if created is not None:
+                    self.affinity.remember(created, replica.name)
+            yield frame
 
     async def _admit(self, call: Call) -> None:
         with self.tracer.span("queue", {"inference_core.priority": call.priority}):
             call.outcome.queued = await self.admission.acquire(call.priority)
 
-    def _prepare(self, call: Call) -> tuple[Payload, bytes, tuple[str, ...]]:
-        """The payload as the backend wants it, serialised once for every attempt."""
+    def _prepare(self, call: Call) -> tuple[Payload, bytes | None, tuple[str, ...]]:
+        """The payload as the backend wants it, serialised once for every attempt (None: no body)."""
         payload = call.payload
         raw = call.raw
+        if not call.endpoint.body:
+            return payload, None, ()
         if "model" not in payload:
             payload = {**payload, "model": self.default_model}
             raw = None
@@ -243,10 +277,13 @@ class Engine:
             raw = orjson.dumps(translation.payload)
         return translation.payload, raw, translation.dropped
 
-    async def _with_retries(self, call: Call, *, stream: bool) -> tuple[Sent, dict[str, str], bytes | None]:
+    async def _with_retries(
+        self, call: Call, pinned: Replica | None, *, stream: bool
+    ) -> tuple[Sent, dict[str, str], bytes | None]:
         """Send until an attempt succeeds, the error is not worth retrying, or time runs out.
 
-        Each attempt goes to a replica this call has not tried yet, where there is one.
+        Each attempt goes to a replica this call has not tried yet, where there is one, unless
+        the call is ``pinned`` to the replica holding its stored response.
         """
         outcome = call.outcome
         deadline = time.monotonic() + self.timeout
@@ -261,7 +298,7 @@ class Engine:
                 waited = await self.rate_limiter.acquire(within=deadline - time.monotonic())
                 outcome.queued += waited
                 outcome.rate_limited += waited
-            replica = self.balancer.pick(payload, tried)
+            replica = pinned or self.balancer.pick(payload, tried)
             tried.append(replica)
             started = time.perf_counter()
             replica.in_flight += 1
@@ -317,13 +354,13 @@ class Engine:
             log.warning("replica ejected", extra={"fields": {"replica": replica.name, "address": replica.address}})
 
     async def _attempt(
-        self, call: Call, replica: Replica, raw: bytes, within: float, span: Span, *, stream: bool
+        self, call: Call, replica: Replica, raw: bytes | None, within: float, span: Span, *, stream: bool
     ) -> tuple[Sent, dict[str, str], bytes | None]:
         """One upstream attempt: send, and (unless streaming) read and check the body."""
         request_headers = self._headers(call.request_id)
         self.tracer.inject(request_headers)
         response = await replica.transport.request(
-            "POST",
+            call.endpoint.method,
             call.endpoint.upstream,
             headers=request_headers,
             body=raw,
@@ -342,6 +379,8 @@ class Engine:
         except orjson.JSONDecodeError:
             raise BadUpstreamResponse("The backend answered with malformed JSON.") from None
         if isinstance(parsed, dict):
+            if call.endpoint.stores_responses and isinstance(parsed.get("id"), str):
+                self.affinity.remember(parsed["id"], replica.name)
             outcome = call.outcome
             outcome.model = parsed.get("model") if isinstance(parsed.get("model"), str) else None
             outcome.count_usage(parsed.get("usage"))

@@ -28,6 +28,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from inference_core.simulator import generate, native
+from inference_core.simulator.responses import ResponseStore, Unknown
 
 #: Chat fields the OpenAI API knows; anything else is refused in ``openai`` mode, as OpenAI does.
 OPENAI_CHAT_FIELDS = frozenset(
@@ -48,6 +49,13 @@ OPENAI_COMPLETION_FIELDS = frozenset(
     }
 )  # fmt: skip
 OPENAI_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+OPENAI_RESPONSES_FIELDS = frozenset(
+    {
+        "model", "input", "instructions", "previous_response_id", "stream", "stream_options", "store",
+        "max_output_tokens", "temperature", "top_p", "metadata", "tools", "tool_choice", "text", "reasoning",
+        "user", "include", "parallel_tool_calls", "truncation", "background", "service_tier",
+    }
+)  # fmt: skip
 #: Fields vLLM adds to every completion; clients see them because the gateway relays bodies as sent.
 VLLM_EXTRAS = {"service_tier": None, "prompt_logprobs": None, "kv_transfer_params": None}
 FAULT_FIELD = "sim_fault"
@@ -122,6 +130,7 @@ class Simulator:
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
         self.stats = Stats()
+        self.responses = ResponseStore()
         self.vllm = config.mode == "vllm"
         self.honours_guided = self.vllm and _version(config.vllm_version) < (0, 12)
         #: Requests being answered now (streams count until their response is returned).
@@ -264,6 +273,16 @@ class Simulator:
         if path == "/v1/embeddings":
             self._check(body, OPENAI_EMBEDDING_FIELDS)
             return self.embed(body)
+        if path == "/v1/responses":
+            self._check(body, OPENAI_RESPONSES_FIELDS)
+            limit = self._bounded(body, "max_output_tokens", 16, MAX_MODEL_LEN)
+            try:
+                response = self.responses.create(body, limit)
+            except Unknown:
+                raise self._unknown_response(body["previous_response_id"], "previous_response_id") from None
+            if body.get("stream"):
+                return StreamingResponse(self.responses.events(response), media_type="text/event-stream")
+            return _json(response)
         if self.vllm:
             self._check(body, frozenset())
             if path in native.ROUTES:
@@ -271,6 +290,28 @@ class Simulator:
             # Any other route naming a model: "the next endpoint vLLM adds", echoing what it got.
             return _json({"object": "echo", "path": path, "body": body})
         raise self.error(404, "Not Found")
+
+    def _unknown_response(self, ident: object, param: str | None = None) -> SimulatedError:
+        return self.error(404, f"Response with id '{ident}' not found.", param=param)
+
+    async def stored_response(self, request: Request) -> Response:
+        """Retrieve, delete or cancel a stored response, or list its input items."""
+        self.stats.requests[request.url.path] += 1
+        ident, _, action = request.path_params["rest"].partition("/")
+        calls = {
+            ("GET", ""): self.responses.get, ("DELETE", ""): self.responses.delete,
+            ("POST", "cancel"): self.responses.cancel, ("GET", "input_items"): self.responses.input_items,
+        }  # fmt: skip
+        call = calls.get((request.method, action))
+        try:
+            if call is None:
+                raise self.error(404, "Not Found")
+            try:
+                return _json(call(ident))
+            except Unknown:
+                raise self._unknown_response(ident) from None
+        except SimulatedError as exc:
+            return _json(exc.body, exc.status, exc.headers)
 
     # Completions.
 
@@ -549,6 +590,8 @@ def create_simulator(config: SimulatorConfig | None = None) -> Starlette:
         Route("/v1/chat/completions", simulator.handle, methods=["POST"]),
         Route("/v1/completions", simulator.handle, methods=["POST"]),
         Route("/v1/embeddings", simulator.handle, methods=["POST"]),
+        Route("/v1/responses", simulator.handle, methods=["POST"]),
+        Route("/v1/responses/{rest:path}", simulator.stored_response, methods=["GET", "POST", "DELETE"]),
         *(Route(path, simulator.handle, methods=["POST"]) for path in native.ROUTES),
         Route("/v1/models", simulator.handle, methods=["GET"]),
         Route("/version", simulator.handle, methods=["GET"]),

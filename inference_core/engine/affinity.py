@@ -1,0 +1,34 @@
+"""Which replica holds each stored response: vLLM keeps them in one replica's memory.
+
+A ``previous_response_id`` (and every call on ``/v1/responses/{id}``) must reach the replica
+that created the response, or vLLM answers that it does not exist. The map is bounded: the
+least recently used ids are forgotten first, and a forgotten id is answered as unknown.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class ResponseAffinity:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._where: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, response_id: str, replica: str) -> None:
+        self._where[response_id] = replica
+        self._where.move_to_end(response_id)
+        if len(self._where) > self.size:
+            self._where.popitem(last=False)
+
+    def replica_of(self, response_id: str) -> str | None:
+        replica = self._where.get(response_id)
+        if replica is not None:
+            self._where.move_to_end(response_id)
+        return replica
+
+    def forget(self, response_id: str) -> None:
+        self._where.pop(response_id, None)
+
+    def __len__(self) -> int:
+        return len(self._where)
