@@ -75,6 +75,8 @@ def _serve(vllm_python: Path, model: str | Path, args: list[str], log_dir: Path)
         "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "HF_HUB_OFFLINE": "1",
+        # Stored responses, kept in each server's own memory (previous_response_id needs them).
+        "VLLM_ENABLE_RESPONSES_API_STORE": "1",
         "TMPDIR": str(scratch),
         "VLLM_CACHE_ROOT": str(scratch),
     }

@@ -8,12 +8,31 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.servers import Server, start_gateway
 from tests.vllm.conftest import MODEL
 
 pytestmark = pytest.mark.vllm
+
+
+def test_previous_response_id_over_two_replicas(vllm_chat: Server, vllm_chat_replica: Server, log_dir: Path) -> None:
+    """Each vLLM stores its responses in its own memory; the chain must stay on the replica that made it."""
+    urls = f"{vllm_chat.url},{vllm_chat_replica.url}"
+    gateway = start_gateway(log_dir, urls, model=MODEL, lb_policy="round_robin")
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120) as sdk:
+            previous = None
+            for turn in range(10):
+                response = sdk.responses.create(
+                    model=MODEL, input=f"Turn {turn}", max_output_tokens=8, previous_response_id=previous
+                )
+                assert response.previous_response_id == previous
+                previous = response.id
+            assert sdk.responses.retrieve(previous).id == previous
+    finally:
+        gateway.stop()
 
 
 def test_failover_when_a_replica_stops(vllm_chat: Server, vllm_chat_replica: Server, log_dir: Path) -> None:
