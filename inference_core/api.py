@@ -114,7 +114,7 @@ class Routes:
         if endpoint.streams and payload.get("stream"):
             record.stream = True
             stream = await unless_disconnected(request.receive, self.engine.stream(call))
-            return EventStreamResponse(stream, record, self.metrics)
+            return EventStreamResponse(stream, record, self.metrics, anthropic=endpoint.anthropic)
         reply = await unless_disconnected(request.receive, self.engine.complete(call))
         return JSONBytes(reply.body, reply.status, reply.headers)
 
@@ -223,7 +223,10 @@ def gateway_error(request: Request, exc: GatewayError) -> ASGIApp:
     headers = exc.headers
     if not exc.client_may_retry:
         headers = {**headers, "x-should-retry": "false"}
-    return JSONBytes(exc.body(), exc.status, headers)
+    route = request.scope.get("route")
+    anthropic = route is not None and route.path in endpoints.ANTHROPIC_PATHS
+    body = exc.anthropic_body(record.request_id) if anthropic else exc.body()
+    return JSONBytes(body, exc.status, headers)
 
 
 def _priority(payload: dict[str, Any], request: Request) -> int:

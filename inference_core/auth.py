@@ -1,9 +1,11 @@
 """Gateway keys: with ``INFERENCE_GATEWAY_API_KEYS`` set, every ``/v1/*`` call needs one of them.
 
-Keys are compared in constant time, against every configured key, so neither timing nor the
-number of comparisons tells a caller how close a guess was. Health and metrics stay open: they
-are for probes and scrapers on the cluster network, and say nothing secret. The client's
-Authorization header is never forwarded: the backend's key comes only from configuration.
+A key comes as ``Authorization: Bearer`` or, from Anthropic's SDK, as ``x-api-key``; a refusal
+on Anthropic's routes takes Anthropic's error shape. Keys are compared in constant time,
+against every configured key, so neither timing nor the number of comparisons tells a caller
+how close a guess was. Health and metrics stay open: they are for probes and scrapers on the
+cluster network, and say nothing secret. The client's Authorization and x-api-key headers are
+never forwarded: the backend's key comes only from configuration.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inference_core.config import ConfigError
-from inference_core.errors import error_body
+from inference_core.endpoints import ANTHROPIC_PATHS
+from inference_core.errors import anthropic_error_body, error_body
 
 PROTECTED_PREFIX = "/v1/"
 
@@ -43,10 +46,14 @@ class GatewayKeys:
         self.keys = keys
 
     def _valid(self, scope: Scope) -> bool:
+        """``Authorization: Bearer <key>`` (OpenAI's SDKs) or ``x-api-key: <key>`` (Anthropic's)."""
         given = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 given = value[7:] if value[:7].lower() == b"bearer " else b""
+                break
+            if name == b"x-api-key":
+                given = value
                 break
         matched = False
         for key in self.keys:
@@ -57,7 +64,11 @@ class GatewayKeys:
         if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX) or self._valid(scope):
             await self.app(scope, receive, send)
             return
-        body = error_body("Invalid or missing API key.", "invalid_request_error", code="invalid_api_key")
+        message = "Invalid or missing API key."
+        if scope["path"] in ANTHROPIC_PATHS:
+            body = anthropic_error_body(401, message)
+        else:
+            body = error_body(message, "invalid_request_error", code="invalid_api_key")
         headers = [
             (b"content-type", b"application/json"),
             (b"www-authenticate", b"Bearer"),

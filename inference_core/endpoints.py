@@ -42,6 +42,8 @@ class Endpoint:
     method: str = "POST"
     #: The request carries a JSON body (the calls on one stored response carry none).
     body: bool = True
+    #: Anthropic's Messages API: its errors (the gateway's own included) take Anthropic's shape.
+    anthropic: bool = False
 
 
 CHAT = Endpoint(
@@ -84,7 +86,20 @@ VLLM = (
     _vllm("/v2/rerank", "rerank", "Documents ranked by relevance to a query"),
     _vllm("/v1/chat/completions/batch", "chat", "Several chat conversations in one call"),
 )
-FORWARDED = (*OPENAI, RESPONSES, *VLLM)
+#: Anthropic's Messages API, as vLLM serves it (Claude Code and the ``anthropic`` SDK point here).
+ANTHROPIC = (
+    Endpoint(
+        "/v1/messages", "messages", "chat", "Create a message (Anthropic's Messages API, served by vLLM)",
+        streams=True, vllm_only=True, stream_ends=(b"message_stop",), anthropic=True,
+    ),
+    Endpoint(
+        "/v1/messages/count_tokens", "messages/count_tokens", "count_tokens",
+        "Count a message's tokens (Anthropic's Messages API, served by vLLM)", vllm_only=True, anthropic=True,
+    ),
+)  # fmt: skip
+#: Routes whose errors take Anthropic's shape.
+ANTHROPIC_PATHS = frozenset(endpoint.path for endpoint in ANTHROPIC)
+FORWARDED = (*OPENAI, RESPONSES, *ANTHROPIC, *VLLM)
 
 #: The route of ``passthrough``: one bounded metric label for every endpoint it serves.
 PASSTHROUGH_ROUTE = "/v1/{path:path}"

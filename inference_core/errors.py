@@ -39,6 +39,18 @@ def error_body(message: str, type_: str, *, param: str | None = None, code: str 
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
+_ANTHROPIC_TYPES = {
+    401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
+    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error",
+}  # fmt: skip
+
+
+def anthropic_error_body(status: int, message: str, request_id: str | None = None) -> bytes:
+    """Anthropic's error envelope (``{"type": "error", "error": {...}}``), for its Messages API routes."""
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id})
+
+
 class GatewayError(Exception):
     """A failure the client sees as ``status`` with an OpenAI error body."""
 
@@ -57,6 +69,10 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, param=self.param, code=self.code)
+
+    def anthropic_body(self, request_id: str | None = None) -> bytes:
+        message = self.message or f"The request failed with HTTP {self.status}."
+        return anthropic_error_body(self.status, message, request_id)
 
 
 class InvalidRequest(GatewayError):

@@ -40,7 +40,12 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _operation(
-    summary: str, response: type[BaseModel] | None, *, body: dict[str, Any] | None = None, stream: bool = False
+    summary: str,
+    response: type[BaseModel] | None,
+    *,
+    body: dict[str, Any] | None = None,
+    stream: bool = False,
+    anthropic: bool = False,
 ) -> dict[str, Any]:
     answer = {"type": "object", "description": "The backend's answer, relayed"} if response is None else _ref(response)
     ok: dict[str, Any] = {"description": "Success", "content": _json(answer)}
@@ -48,9 +53,9 @@ def _operation(
         ok["content"]["text/event-stream"] = {
             "schema": {"description": "With `stream: true`: `data: <chunk>` events, then `data: [DONE]`."}
         }
+    error = protocol.AnthropicErrorResponse if anthropic else protocol.ErrorResponse
     responses = {"200": ok} | {
-        status: {"description": text, "content": _json(_ref(protocol.ErrorResponse))}
-        for status, text in _ERRORS.items()
+        status: {"description": text, "content": _json(_ref(error))} for status, text in _ERRORS.items()
     }
     operation: dict[str, Any] = {"summary": summary, "responses": responses}
     if body is not None:
@@ -62,14 +67,20 @@ def _operation(
 def document() -> bytes:
     models: list[type[BaseModel]] = [
         protocol.ChatCompletionChunk, protocol.Model, protocol.ModelList, protocol.ErrorResponse,
-        protocol.BatchResponse,
+        protocol.AnthropicErrorResponse, protocol.BatchResponse,
     ]  # fmt: skip
     for endpoint in endpoints.FORWARDED:
         models += [endpoint.schema] + ([endpoint.response] if endpoint.response else [])
     _, schemas = models_json_schema([(model, "validation") for model in dict.fromkeys(models)], ref_template=_REF)
     paths: dict[str, Any] = {
         endpoint.path: {
-            "post": _operation(endpoint.summary, endpoint.response, body=_ref(endpoint.schema), stream=endpoint.streams)
+            "post": _operation(
+                endpoint.summary,
+                endpoint.response,
+                body=_ref(endpoint.schema),
+                stream=endpoint.streams,
+                anthropic=endpoint.anthropic,
+            )
         }
         for endpoint in endpoints.FORWARDED
     }

@@ -194,6 +194,19 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """Errors on Anthropic's Messages API routes take Anthropic's shape."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+    request_id: str | None
+
+
 class BatchResponse(BaseModel):
     results: list[ChatCompletion | ErrorResponse] = Field(
         description="One entry per request, in request order: a completion or an error."

@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from inference_core import sse
 from inference_core.engine import Stream
-from inference_core.errors import ClientDisconnected, GatewayError, error_body
+from inference_core.errors import ClientDisconnected, GatewayError
 from inference_core.observability import Metrics, RequestRecord
 
 log = logging.getLogger("inference_core")
@@ -81,13 +81,15 @@ class EventStreamResponse:
     The client's disconnect is watched for by racing ``receive()`` against the relay (see
     ``unless_disconnected``), so the backend connection is closed within ``WATCH_AFTER_SECONDS``
     of the client leaving, even while no token is due.
-    A failure after the first byte becomes one in-band ``data: {"error": ...}`` event.
+    A failure after the first byte becomes one in-band ``data: {"error": ...}`` event (on
+    Anthropic's routes, its ``event: error`` in its shape).
     """
 
-    def __init__(self, stream: Stream, record: RequestRecord, metrics: Metrics) -> None:
+    def __init__(self, stream: Stream, record: RequestRecord, metrics: Metrics, *, anthropic: bool = False) -> None:
         self.stream = stream
         self.record = record
         self.metrics = metrics
+        self.anthropic = anthropic
         self.headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         self.headers += [(name.encode(), value.encode()) for name, value in stream.headers.items()]
 
@@ -111,13 +113,18 @@ class EventStreamResponse:
                     record.outcome.count_usage(found)
         except GatewayError as exc:
             record.error = exc.code
-            await send({"type": "http.response.body", "body": sse.frame(exc.body()), "more_body": True})
+            await send({"type": "http.response.body", "body": self._error_event(exc), "more_body": True})
         except Exception:
             log.exception("stream relay failed")
             record.error = "internal"
-            body = error_body("The gateway failed unexpectedly.", GatewayError.type)
-            await send({"type": "http.response.body", "body": sse.frame(body), "more_body": True})
+            failed = GatewayError("The gateway failed unexpectedly.")
+            await send({"type": "http.response.body", "body": self._error_event(failed), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _error_event(self, error: GatewayError) -> bytes:
+        if self.anthropic:
+            return b"event: error\ndata: " + error.anthropic_body(self.record.request_id) + b"\n\n"
+        return sse.frame(error.body())
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import time
 import uuid
 from collections import Counter
@@ -27,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from inference_core.simulator import generate, native
+from inference_core.simulator import generate, messages, native
 from inference_core.simulator.responses import ResponseStore, Unknown
 
 #: Chat fields the OpenAI API knows; anything else is refused in ``openai`` mode, as OpenAI does.
@@ -285,6 +286,16 @@ class Simulator:
             return _json(response)
         if self.vllm:
             self._check(body, frozenset())
+            if path == "/v1/messages":
+                answer = messages.message(body)
+                if body.get("stream"):
+                    # reset_after=N: the stream stops after N events, without its message_stop.
+                    stop = int(faults["reset_after"]) if "reset_after" in faults else None
+                    events = itertools.islice(messages.events(answer), stop)
+                    return StreamingResponse(events, media_type="text/event-stream")
+                return _json(answer)
+            if path == "/v1/messages/count_tokens":
+                return _json(messages.count_tokens(body))
             if path in native.ROUTES:
                 return _json(native.ROUTES[path](body))
             # Any other route naming a model: "the next endpoint vLLM adds", echoing what it got.

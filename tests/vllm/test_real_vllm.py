@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Iterator
 
+import anthropic
 import httpx
 import jsonschema
 import openai
@@ -192,3 +193,14 @@ def test_vllm_own_routes_pass_through(gateway: Server, embed_gateway: Server) ->
     pooled = httpx.post(embed_gateway.url + "/pooling", json={"model": EMBEDDING_MODEL, "input": "x"}, timeout=60)
     assert pooled.status_code == 200, pooled.text
     assert pooled.json()["data"][0]["data"]
+
+
+def test_anthropic_messages_through_the_sdk(gateway: Server) -> None:
+    """vLLM's Anthropic-compatible /v1/messages, plain and streamed, with Anthropic's own SDK."""
+    with anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0, timeout=120) as claude:
+        hello: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Hello!"}]
+        message = claude.messages.create(model=MODEL, max_tokens=8, messages=hello)
+        assert message.type == "message" and 1 <= message.usage.output_tokens <= 8
+        with claude.messages.stream(model=MODEL, max_tokens=8, messages=hello) as stream:
+            final = stream.get_final_message()
+        assert final.stop_reason in ("end_turn", "max_tokens")
