@@ -105,9 +105,9 @@ class MethodNotAllowed(GatewayError):
 
 class RequestTimeout(GatewayError):
     status = 408
-    client_may_retry = True
     type = "invalid_request_error"
     code = "request_timeout"
+    client_may_retry = True
 
 
 class PayloadTooLarge(GatewayError):
@@ -118,8 +118,8 @@ class PayloadTooLarge(GatewayError):
 
 class ClientDisconnected(GatewayError):
     status = 499
-    client_may_retry = True
     code = "client_disconnected"
+    client_may_retry = True
 
 
 class Overloaded(GatewayError):

@@ -165,8 +165,8 @@ class Engine:
         retry_policy: retry.RetryPolicy,
         rate_limiter: RateLimiter | None = None,
         on_retry: Callable[[retry.RetryEvent], None] | None = None,
+        affinity: ResponseAffinity,
         tracer: Tracer = NO_TRACER,
-        affinity: ResponseAffinity | None = None,
     ) -> None:
         self.provider = provider
         self.balancer = balancer
@@ -177,7 +177,7 @@ class Engine:
         self.rate_limiter = rate_limiter
         self.on_retry = on_retry
         self.tracer = tracer
-        self.affinity = ResponseAffinity(100_000) if affinity is None else affinity
+        self.affinity = affinity
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.discovered = False
 

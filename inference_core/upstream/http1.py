@@ -346,7 +346,7 @@ class _Connection(asyncio.Protocol):
             raise BadUpstreamResponse(f"The backend's answer head exceeds {MAX_HEAD_BYTES} bytes.")
 
     def on_status(self, status: bytes) -> None:
-        self._count(len(status) + 15)
+        self._count(len(status) + 15)  # "HTTP/1.1 200 " and the line's CRLF
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
