@@ -3,8 +3,9 @@
 An nginx backend answers a fixed chat.completion (JSON) or a fixed 20-chunk SSE stream. wrk
 drives it directly, and through each target: nginx ``proxy_pass`` (the floor for one hop),
 vllm-router (Rust, PyPI ``vllm-router``), the LiteLLM proxy (PyPI ``litellm[proxy]``, one
-worker, no database) and inference-core with its defaults (queue, metrics, JSON access log to a
-file). The target under test is pinned to core 0; the backend and wrk share core 1. For JSON
+worker, no database), inference-core with its defaults (queue, metrics, JSON access log to a
+file) and inference-core from a three-backend configuration file (``inference-core-fleet``: the
+benchmark's model is routed past two other backends' globs to the third). The target under test is pinned to core 0; the backend and wrk share core 1. For JSON
 and SSE, at concurrency 1 and 64, it prints req/s, p50, p99, the p50 the hop adds over the
 backend alone, the target's CPU time per request (from /proc, so robust to noise), its peak
 RSS and the background CPU seen during the runs (noise: busy cores that were none of ours).
@@ -53,7 +54,7 @@ LITELLM = "litellm[proxy]==1.108.7"
 LITELLM_VENV = Path(os.environ.get("BENCH_LITELLM_VENV", CACHE / "litellm-venv"))
 MASTER_KEY = "sk-bench-master-key"
 T = TypeVar("T")
-TARGETS = ("direct", "nginx", "vllm-router", "litellm", "inference-core")
+TARGETS = ("direct", "nginx", "vllm-router", "litellm", "inference-core", "inference-core-fleet")
 KINDS = ("json", "sse")
 CONCURRENCY = (1, 64)
 #: A run starts once the machine has been this idle (busy cores besides ours) for a second.
@@ -226,12 +227,30 @@ def start_gateway(scratch: Path, backend: int, kind: str) -> Running:
     return Running(process, f"http://127.0.0.1:{port}")
 
 
+def start_fleet(scratch: Path, backend: int, kind: str) -> Running:
+    """inference-core with a three-backend file: the benchmark's model is the third backend's, by glob."""
+    port = free_port()
+    root = f"http://127.0.0.1:{backend}/v1"
+    config = scratch / f"fleet-{kind}.yaml"
+    config.write_text(
+        f"backends:\n  chat:\n    base_url: {root}\n    models: [llama-*]\n"
+        f"  coder:\n    base_url: {root}\n    models: [qwen-coder-*]\n"
+        f"  main:\n    base_url: {root}\n    models: ['{MODEL}']\n"
+        f"models:\n  fast:\n    target: chat/llama-3-8b\n    fallbacks: ['main/{MODEL}']\n"
+    )
+    command = [sys.executable, "-m", "inference_core", "--host", "127.0.0.1", "--port", str(port), "--config", config]
+    with open(scratch / f"fleet-{kind}.log", "ab") as log:
+        process = spawn(command, f"http://127.0.0.1:{port}/health/ready", env={}, core=0, log=log)
+    return Running(process, f"http://127.0.0.1:{port}")
+
+
 STARTERS: dict[str, Starter] = {
     "direct": start_direct,
     "nginx": start_nginx,
     "vllm-router": start_router,
     "litellm": start_litellm,
     "inference-core": start_gateway,
+    "inference-core-fleet": start_fleet,
 }
 
 

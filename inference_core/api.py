@@ -7,8 +7,8 @@ Routes only parse and check the request, hand a ``Call`` to the engine, and shap
 from __future__ import annotations
 
 import asyncio
-import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -18,13 +18,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.types import ASGIApp
 
-from inference_core import endpoints, openapi, protocol
+from inference_core import endpoints, multipart, openapi, protocol
 from inference_core.auth import GatewayKeys, parse_keys
-from inference_core.config import ConfigError, ProviderType, Settings, load_settings
+from inference_core.config import ConfigError, Settings, load_settings
+from inference_core.config_file import FleetConfig, load_fleet
 from inference_core.endpoints import Endpoint
-from inference_core.engine import Admission, Call, Engine, RateLimiter, RetryPolicy
+from inference_core.engine import Admission, Backend, Call, Engine, Fleet, RetryPolicy
 from inference_core.engine.affinity import ResponseAffinity
-from inference_core.engine.replicas import Balancer, Replica
 from inference_core.errors import (
     ClientDisconnected,
     GatewayError,
@@ -33,15 +33,12 @@ from inference_core.errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
-from inference_core.health import HealthMonitor
+from inference_core.health import STALE_AFTER_INTERVALS, HealthMonitor
 from inference_core.observability import Metrics, RequestContext, configure_logging, record_of
-from inference_core.providers.base import Provider
-from inference_core.providers.openai import OpenAIProvider
-from inference_core.providers.vllm import VLLMProvider
+from inference_core.reload import Reloader
 from inference_core.responses import EventStreamResponse, JSONBytes, unless_disconnected
 from inference_core.routing import Handler, Lifespan, Route, Router
 from inference_core.tracing import Tracer, tracer_from_environment
-from inference_core.upstream import create_transport
 
 #: A request header: at most this many gateway retries for this request (never more than configured).
 MAX_RETRIES_HEADER = "x-inference-max-retries"
@@ -49,8 +46,8 @@ MAX_RETRIES_HEADER = "x-inference-max-retries"
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
-async def read_json(request: Request, limit: int, within: float) -> tuple[Any, bytes]:
-    """The request body, parsed, and its raw bytes.
+async def read_body(request: Request, limit: int, within: float) -> bytes:
+    """The request body.
 
     At most ``limit`` bytes are read, and they must all arrive within ``within`` seconds: a
     client trickling its body (slowloris) gets 408 instead of holding a connection forever.
@@ -60,7 +57,7 @@ async def read_json(request: Request, limit: int, within: float) -> tuple[Any, b
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
     message = await request.receive()
-    raw = message.get("body", b"")
+    raw: bytes = message.get("body", b"")
     if message.get("more_body"):
         chunks = [raw]
         size = len(raw)
@@ -80,6 +77,12 @@ async def read_json(request: Request, limit: int, within: float) -> tuple[Any, b
         raw = b"".join(chunks)
     elif len(raw) > limit:
         raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    return raw
+
+
+async def read_json(request: Request, limit: int, within: float) -> tuple[Any, bytes]:
+    """The request body, parsed, and its raw bytes."""
+    raw = await read_body(request, limit, within)
     try:
         return orjson.loads(raw), raw
     except orjson.JSONDecodeError:
@@ -97,17 +100,40 @@ class Routes:
 
     def _forwarder(self, endpoint: Endpoint) -> Handler:
         async def forward(request: Request) -> ASGIApp:
+            if endpoint.form:
+                payload, raw = await self._read_form(request)
+                return await self._forward(request, endpoint, payload, raw, request.headers["content-type"])
             payload, raw = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
+            protocol.check(endpoint.schema, payload)
             return await self._forward(request, endpoint, payload, raw)
 
         return forward
 
-    async def _forward(self, request: Request, endpoint: Endpoint, payload: Any, raw: bytes) -> ASGIApp:
-        protocol.check(endpoint.schema, payload)
+    async def _read_form(self, request: Request) -> tuple[dict[str, Any], bytes]:
+        """An upload's ``model`` and ``stream`` fields, and its bytes, to be relayed as they are."""
+        boundary = multipart.boundary(request.headers.get("content-type", ""))
+        if boundary is None:
+            raise InvalidRequest("The request body must be multipart/form-data.")
+        raw = await read_body(request, self.settings.max_body_bytes, self.settings.timeout)
+        model = multipart.read_field(raw, boundary, "model")
+        if not model:
+            raise InvalidRequest("The form needs one 'model' field.", param="model")
+        return {"model": model, "stream": multipart.read_field(raw, boundary, "stream") == "true"}, raw
+
+    async def _forward(
+        self, request: Request, endpoint: Endpoint, payload: Any, raw: bytes, content_type: str = "application/json"
+    ) -> ASGIApp:
         record = record_of(request.scope)
         previous = payload.get("previous_response_id") if endpoint.stores_responses else None
         call = Call(
-            endpoint, payload, record.request_id, raw, _priority(payload, request), _max_retries(request), previous
+            endpoint,
+            payload,
+            record.request_id,
+            raw,
+            _priority(payload, request),
+            _max_retries(request),
+            previous,
+            content_type,
         )
         record.model = payload.get("model") or self.settings.model
         record.outcome = call.outcome
@@ -136,6 +162,7 @@ class Routes:
         payload, raw = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
         if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
             raise unknown
+        protocol.check(endpoint.schema, payload)
         return await self._forward(request, endpoint, payload, raw)
 
     async def batch(self, request: Request) -> ASGIApp:
@@ -255,17 +282,30 @@ def _max_retries(request: Request) -> int | None:
     return int(header)
 
 
-def build_provider(settings: Settings) -> Provider:
-    if settings.provider_type is ProviderType.OPENAI:
-        return OpenAIProvider(drop_unsupported=settings.drop_unsupported_params)
-    return VLLMProvider()
+def fleet_builder(settings: Settings, admission: Admission) -> Callable[[FleetConfig, Fleet | None], Fleet]:
+    """Builds the fleet of a configuration; a backend whose block is unchanged is kept as it is."""
 
+    def build(config: FleetConfig, previous: Fleet | None) -> Fleet:
+        backends = {}
+        for name, block in config.backends.items():
+            kept = previous.backends.get(name) if previous is not None else None
+            backends[name] = (
+                kept
+                if kept is not None and kept.config == block
+                else Backend(
+                    name,
+                    block,
+                    lane=admission.lane(name, block.max_concurrent_tasks),
+                    idle_connections=settings.max_connections,
+                    eject_after=settings.eject_after,
+                    stale_after=STALE_AFTER_INTERVALS * settings.probe_interval,
+                    drop_unsupported=settings.drop_unsupported_params,
+                )
+            )
+        aliases = {name: (alias.target, *alias.fallbacks) for name, alias in config.models.items()}
+        return Fleet(backends, aliases, config.default_model)
 
-def build_rate_limiter(settings: Settings) -> RateLimiter | None:
-    if not settings.rate_limit_rps:
-        return None
-    burst = settings.rate_limit_burst or math.ceil(settings.rate_limit_rps)
-    return RateLimiter(settings.rate_limit_rps, burst)
+    return build
 
 
 def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
@@ -274,51 +314,43 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
     ``tracer`` defaults to what the ``OTEL_*`` variables ask for (usually: no tracing).
     """
     tracer = tracer_from_environment() if tracer is None else tracer
-    idle, timeout = settings.max_connections, settings.timeout
-    replicas = [
-        Replica(index, root, create_transport(root, idle_connections=idle, timeout=timeout))
-        for index, root in enumerate(settings.upstream_roots)
-    ]
-    balancer = Balancer(
-        replicas, settings.lb_policy, eject_after=settings.eject_after, stale_after=3 * settings.probe_interval
-    )
     metrics = Metrics(configured_model=settings.model)
-    rate_limiter = build_rate_limiter(settings)
     admission = Admission(
         max_in_flight=settings.max_concurrent_tasks,
         queue_size=settings.queue_size,
         queue_timeout=settings.queue_timeout,
     )
+    build = fleet_builder(settings, admission)
     engine = Engine(
-        build_provider(settings),
-        balancer,
-        api_key=settings.api_key.get_secret_value(),
-        default_model=settings.model,
-        timeout=settings.timeout,
+        build(load_fleet(settings), None),
         admission=admission,
         retry_policy=RetryPolicy(
             max_retries=settings.max_retries,
             base_delay=settings.retry_base_delay,
             max_delay=settings.retry_max_delay,
         ),
-        rate_limiter=rate_limiter,
-        on_retry=metrics.retried,
-        tracer=tracer,
         affinity=ResponseAffinity(settings.response_affinity_size),
+        on_retry=metrics.retried,
+        on_fallback=metrics.fell_back,
+        tracer=tracer,
     )
-    metrics.watch(admission, balancer, (lambda: rate_limiter.rate) if rate_limiter is not None else None)
+    metrics.watch(admission, lambda: engine.fleet)
     health = HealthMonitor(engine, metrics, interval=settings.probe_interval, shutdown_grace=settings.shutdown_grace)
+    reloader = Reloader(engine, health, load=lambda: load_fleet(settings), build=build)
     routes = Routes(settings, engine, metrics, health)
 
     async def startup() -> None:
-        for replica in replicas:
-            await replica.transport.start()
+        for backend in engine.fleet.backends.values():
+            await backend.start()
         await health.start()
+        if settings.config is not None:
+            reloader.watch()
 
     async def shutdown() -> None:
         await health.stop()
-        for replica in replicas:
-            await replica.transport.aclose()
+        await reloader.stop()
+        for backend in engine.fleet.backends.values():
+            await backend.aclose()
 
     app: ASGIApp = Router(routes.table(), on_error=gateway_error)
     if settings.gateway_api_keys is not None:

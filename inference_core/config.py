@@ -1,18 +1,32 @@
-"""Settings: every knob of the gateway, read once from ``INFERENCE_*`` variables.
+"""Settings: every knob of the gateway, read once from ``INFERENCE_*`` variables and a YAML file.
 
 Parsing happens in one place so that a bad value stops start-up with a single line naming the
-variable, instead of failing on the first request.
+variable or the file's key, instead of failing on the first request. The file
+(``INFERENCE_CONFIG``) is read here, beneath the environment; its ``backends:`` and ``models:``
+are built into routing by ``config_file.py``.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
+import yaml
 from pydantic import AnyHttpUrl, Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "INFERENCE_"
+FILE_VARIABLE = f"{ENV_PREFIX}CONFIG"
+ROUTING_KEYS = frozenset({"backends", "models"})
+# With ``backends:`` in the file these would describe a second backend, one without a name.
+_SINGLE_BACKEND_KEYS = ("base_url", "provider_type", "api_key")
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _URL = TypeAdapter(AnyHttpUrl)
 
 
@@ -41,10 +55,11 @@ class LogFormat(StrEnum):
 
 
 class Settings(BaseSettings):
-    """The gateway's configuration; each field is also the ``INFERENCE_<NAME>`` variable."""
+    """The gateway's configuration; each field is also the ``INFERENCE_<NAME>`` variable and the file's ``<name>``."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
+    config: Path | None = Field(None, description="A YAML file of backends, model aliases and settings (see README).")
     provider_type: ProviderType = Field(ProviderType.VLLM, description="Backend kind: vllm or openai.")
     base_url: str = Field(
         "http://localhost:8000/v1",
@@ -114,6 +129,12 @@ class Settings(BaseSettings):
         3, description="Consecutive failures (probes or requests) that take a replica out of rotation."
     )
 
+    @field_validator("config", mode="before")
+    @classmethod
+    def _no_file(cls, value: object) -> object:
+        # Compose files and charts set INFERENCE_CONFIG= to mean "no file"; it would read as the current directory.
+        return None if value == "" else value
+
     @field_validator("base_url")
     @classmethod
     def _urls(cls, value: str) -> str:
@@ -135,22 +156,170 @@ class ConfigError(Exception):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build settings from the environment, with ``overrides`` (command-line flags) on top."""
+    """Build settings from the environment, with ``overrides`` (command-line flags) on top.
+
+    A file named by ``config`` or ``INFERENCE_CONFIG`` lies beneath the environment: a setting's
+    variable, when set, wins over the file's value for it.
+    """
     given = {name: value for name, value in overrides.items() if value is not None}
+    environment = {name.upper(): value for name, value in os.environ.items()}  # pydantic-settings ignores case
+    chosen = given.get("config") or environment.get(FILE_VARIABLE)
+    path = Path(str(chosen)) if chosen else None
+    from_file: dict[str, object] = {}
+    keys: dict[str, str] = {}  # setting -> the file's key for it
+    document = read_config_file(path) if path else {}
+    for key, value in document.items():
+        name = "model" if key == "default_model" else key
+        if key not in ROUTING_KEYS and name not in given and f"{ENV_PREFIX}{name.upper()}" not in environment:
+            from_file[name] = _joined(value)
+            keys[name] = key
     try:
-        return Settings(**given)  # type: ignore[arg-type]
+        return Settings(**(from_file | given))  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise ConfigError(describe(exc)) from None
+        errors = _errors(exc)
+        in_file = [error for error in errors if error["loc"] and error["loc"][0] in keys]
+        lines = [_variable_problem(error) for error in errors if error not in in_file]
+        if path and in_file:
+            lines.append(str(file_error(path, *(_setting_problem(error, keys) for error in in_file))))
+        raise ConfigError("; ".join(lines)) from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping, with ``${VAR}`` expanded and its keys checked.
+
+    Reloads call this again at any time, so every problem is a ConfigError.
+    """
+    try:
+        document = _parse_yaml(path.read_bytes())
+        if not isinstance(document, dict):
+            kind = "an empty file" if document is None else f"a {type(document).__name__}"
+            raise file_error(path, f"expected a mapping of settings, backends and models, found {kind}")
+        expanded: dict[str, Any] = _expand(path, document, ())
+    except OSError as exc:
+        raise file_error(path, f"cannot read ({exc.strerror or type(exc).__name__})") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}: " if mark else ""
+        context = f" ({exc.context})" if exc.context and exc.problem else ""
+        raise file_error(path, f"{where}not valid YAML: {exc.problem or exc.context}{context}") from None
+    except yaml.YAMLError as exc:  # not UTF-8 or UTF-16; str(exc) would quote the bytes
+        raise file_error(path, f"not valid YAML: {getattr(exc, 'reason', 'unreadable')}") from None
+    except RecursionError:
+        raise file_error(path, "nested too deeply, or a value holds itself (&a [*a])") from None
+    _check_keys(path, expanded)
+    return expanded
+
+
+def file_error(path: Path, *problems: str) -> ConfigError:
+    """The one line for problems in the file: ``INFERENCE_CONFIG <path>: <key.path>: <problem>; ...``."""
+    return ConfigError(f"{FILE_VARIABLE} {path}: " + "; ".join(problems))
+
+
+def describe_file(path: Path, exc: ValidationError) -> str:
+    """One line for a file's bad values, each named by its key path, never by its value."""
+    problems = (f"{key_path(error['loc'])}: {error['msg']}" if error["loc"] else error["msg"] for error in _errors(exc))
+    return str(file_error(path, *problems))
+
+
+def key_path(location: Iterable[str | int]) -> str:
+    """``backends.local.base_url[1]``: where a value sits in the file."""
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else part
+    return text
 
 
 def describe(exc: ValidationError) -> str:
     """One line per bad field: the variable, what it accepts, and never the value of a secret."""
-    lines = []
-    for error in exc.errors(include_url=False, include_input=False):
-        field = str(error["loc"][0]) if error["loc"] else "?"
-        lines.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}{_accepts(field)}")
-    return "; ".join(lines)
+    return "; ".join(_variable_problem(error) for error in _errors(exc))
+
+
+def _errors(exc: ValidationError) -> list[ErrorDetails]:
+    return exc.errors(include_url=False, include_input=False)
+
+
+def _variable_problem(error: ErrorDetails) -> str:
+    field = str(error["loc"][0]) if error["loc"] else "?"
+    return f"{ENV_PREFIX}{field.upper()}: {error['msg']}{_accepts(field)}"
+
+
+def _setting_problem(error: ErrorDetails, keys: Mapping[str, str]) -> str:
+    field = str(error["loc"][0])
+    return f"{keys[field]}: {error['msg']}{_accepts(field)}"
 
 
 def _accepts(field: str) -> str:
     return " (accepts: an http:// or https:// URL, or several separated by commas)" if field == "base_url" else ""
+
+
+def _joined(value: object) -> object:
+    """A list of strings as the comma-separated text the variables take (base_url, cors_origins...)."""
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return ",".join(value)
+    return value
+
+
+def _check_keys(path: Path, document: Mapping[str, Any]) -> None:
+    known = sorted((Settings.model_fields.keys() - {"config"}) | ROUTING_KEYS | {"default_model"})
+    for key in document:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]}?" if close else "accepts backends, models, default_model and the settings"
+            raise file_error(path, f"{key}: unknown key ({hint})")
+    if "model" in document and "default_model" in document:
+        raise file_error(path, "default_model: given twice, also as model")
+    for key in _SINGLE_BACKEND_KEYS if "backends" in document else ():
+        if key in document:
+            raise file_error(path, f"{key}: give it under backends.<name>, not at the top")
+
+
+def _expand(path: Path, value: Any, where: tuple[str | int, ...]) -> Any:
+    """Every ``${VAR}`` in a string replaced by the variable's value; an unset one is an error."""
+    if isinstance(value, str):
+
+        def value_of(match: re.Match[str]) -> str:
+            if match[1] not in os.environ:
+                raise file_error(path, f"{key_path(where)}: the variable {match[1]} is not set")
+            return os.environ[match[1]]
+
+        return _VARIABLE.sub(value_of, value)
+    if isinstance(value, dict):
+        return {key: _expand(path, item, (*where, str(key))) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand(path, item, (*where, index)) for index, item in enumerate(value)]
+    return value
+
+
+def _parse_yaml(data: bytes) -> Any:
+    """``yaml.safe_load``, except that a key given twice is an error: YAML would keep the last silently."""
+    loader = yaml.SafeLoader(data)
+    try:
+        node = loader.get_single_node()
+        _refuse_duplicate_keys(node)
+        return None if node is None else loader.construct_document(node)
+    except (ValueError, KeyError, TypeError):  # e.g. "2024-02-30" read as a date; the message would quote the value
+        raise yaml.MarkedYAMLError(problem="a value does not fit its type; quote it to make it a string") from None
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(root: Any) -> None:
+    pending, seen = [root], set()
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:  # an alias: the same node again, maybe inside itself
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys = set()
+            for key, value in node.value:
+                # "<<: *defaults" followed by an override is how YAML merges; only repeats of the same key are errors.
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in keys:
+                        raise yaml.MarkedYAMLError(
+                            problem=f"key {key.value!r} given twice", problem_mark=key.start_mark
+                        )
+                    keys.add(key.value)
+                pending += (key, value)
+        elif isinstance(node, yaml.SequenceNode):
+            pending += node.value

@@ -44,6 +44,8 @@ class Endpoint:
     body: bool = True
     #: Anthropic's Messages API: its errors (the gateway's own included) take Anthropic's shape.
     anthropic: bool = False
+    #: The body is a multipart form (an upload); its ``model`` and ``stream`` are form fields.
+    form: bool = False
 
 
 CHAT = Endpoint(
@@ -97,9 +99,17 @@ ANTHROPIC = (
         "Count a message's tokens (Anthropic's Messages API, served by vLLM)", vllm_only=True, anthropic=True,
     ),
 )  # fmt: skip
+#: Speech to text (vLLM serves it with Whisper models): an upload, relayed as the client sent it.
+AUDIO = tuple(
+    Endpoint(
+        f"/v1/audio/{kind}", f"audio/{kind}", kind.removesuffix("s"), summary, protocol.AudioRequest,
+        streams=True, form=True, stream_ends=(*DONE_MARKERS, b"transcript.text.done"),
+    )
+    for kind, summary in (("transcriptions", "Transcribe audio"), ("translations", "Translate audio into English"))
+)  # fmt: skip
 #: Routes whose errors take Anthropic's shape.
 ANTHROPIC_PATHS = frozenset(endpoint.path for endpoint in ANTHROPIC)
-FORWARDED = (*OPENAI, RESPONSES, *ANTHROPIC, *VLLM)
+FORWARDED = (*OPENAI, RESPONSES, *ANTHROPIC, *VLLM, *AUDIO)
 
 #: The route of ``passthrough``: one bounded metric label for every endpoint it serves.
 PASSTHROUGH_ROUTE = "/v1/{path:path}"

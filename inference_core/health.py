@@ -1,4 +1,4 @@
-"""Health: a background probe of the backend, readiness, and the graceful drain on SIGTERM.
+"""Health: a background probe of every backend, readiness, and the graceful drain on SIGTERM.
 
 Probes run on their own schedule (``INFERENCE_PROBE_INTERVAL``), so ``/health`` and
 ``/health/ready`` answer from memory and a Kubernetes probe storm never reaches the backend.
@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from inference_core.config import LBPolicy
-from inference_core.engine import Engine
+from inference_core.engine import Backend, Engine
 from inference_core.observability import Metrics
 
 log = logging.getLogger("inference_core")
@@ -38,20 +38,25 @@ class HealthMonitor:
     # Probing.
 
     async def probe_once(self) -> None:
-        """Probe every replica at once; learn the backend's version and, for load_aware, its load."""
-        balancer = self.engine.balancer
-        probes = await asyncio.gather(*(self.engine.probe(replica) for replica in balancer.replicas))
-        for replica, probe in zip(balancer.replicas, probes, strict=True):
-            replica.probed(probe.ok, probe.latency_ms)
-            if probe.ok:
+        """Probe every replica of every backend at once."""
+        await asyncio.gather(*(self.probe_backend(backend) for backend in self.engine.fleet.backends.values()))
+        self.last_at = time.monotonic()
+
+    async def probe_backend(self, backend: Backend) -> None:
+        """Probe a backend's replicas; learn their versions and, for load_aware, their load."""
+        balancer = backend.balancer
+        probes = await asyncio.gather(*(backend.probe(replica) for replica in backend.replicas))
+        for replica, (ok, latency_ms) in zip(backend.replicas, probes, strict=True):
+            replica.probed(ok, latency_ms)
+            if ok:
                 replica.succeeded()
-                await self.engine.discover(replica)
+                await backend.discover(replica)
                 self.metrics.learn_models(replica.models or ())
             elif replica.failed(eject_after=balancer.eject_after):
-                log.warning("replica ejected", extra={"fields": {"replica": replica.name, "address": replica.address}})
+                fields = {"backend": backend.name, "replica": replica.name, "address": replica.address}
+                log.warning("replica ejected", extra={"fields": fields})
         if balancer.policy is LBPolicy.LOAD_AWARE:
-            await asyncio.gather(*(self.engine.scrape_load(r) for r in balancer.replicas if r.healthy))
-        self.last_at = time.monotonic()
+            await asyncio.gather(*(backend.scrape_load(r) for r in backend.replicas if r.healthy))
 
     async def _run(self) -> None:
         while True:
@@ -72,12 +77,13 @@ class HealthMonitor:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def backend_alive(self) -> bool:
-        """At least one replica is in rotation and answered its latest probe, recently."""
+        """At least one replica of some backend is in rotation and answered its latest probe, recently."""
         stale = STALE_AFTER_INTERVALS * self.interval
         now = time.monotonic()
         return any(
             replica.healthy and replica.probe_ok and now - replica.probed_at <= stale
-            for replica in self.engine.balancer.replicas
+            for backend in self.engine.fleet.backends.values()
+            for replica in backend.replicas
         )
 
     @property
@@ -95,21 +101,25 @@ class HealthMonitor:
         return True, "ready"
 
     def report(self) -> dict[str, Any]:
+        """The gateway's state; ``provider``, ``backend`` and ``replicas`` describe the first backend."""
         admission = self.engine.admission
-        provider = self.engine.provider
-        replicas = self.engine.balancer.replicas
+        fleet = self.engine.fleet
+        first = next(iter(fleet.backends.values()))
+        versions = [replica.provider.version for replica in first.replicas if replica.provider.version]
         ok, reason = self.ready()
         return {
             "status": "ok" if ok else ("draining" if self.draining else "degraded"),
             "reason": reason,
-            "provider": provider.name,
-            "model": self.engine.default_model,
+            "provider": first.kind.value,
+            "model": fleet.default_model,
             "backend": {
-                "reachable": any(replica.probe_ok for replica in replicas),
-                "healthy_replicas": sum(replica.healthy for replica in replicas),
-                "version": provider.version,
+                "reachable": any(replica.probe_ok for replica in first.replicas),
+                "healthy_replicas": sum(replica.healthy for replica in first.replicas),
+                "version": versions[0] if versions else None,
             },
-            "replicas": [replica.report() for replica in replicas],
+            "replicas": [replica.report() for replica in first.replicas],
+            "backends": [backend.report() for backend in fleet.backends.values()],
+            "aliases": {alias: [f"{t.backend}/{t.model}" for t in chain] for alias, chain in fleet.aliases.items()},
             "queue": {"depth": admission.waiting, "capacity": admission.queue_size},
             "in_flight": admission.in_flight,
             "concurrency_limit": admission.max_in_flight,

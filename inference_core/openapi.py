@@ -46,6 +46,7 @@ def _operation(
     body: dict[str, Any] | None = None,
     stream: bool = False,
     anthropic: bool = False,
+    form: bool = False,
 ) -> dict[str, Any]:
     answer = {"type": "object", "description": "The backend's answer, relayed"} if response is None else _ref(response)
     ok: dict[str, Any] = {"description": "Success", "content": _json(answer)}
@@ -59,7 +60,8 @@ def _operation(
     }
     operation: dict[str, Any] = {"summary": summary, "responses": responses}
     if body is not None:
-        operation["requestBody"] = {"required": True, "content": _json(body)}
+        content = {"multipart/form-data": {"schema": body}} if form else _json(body)
+        operation["requestBody"] = {"required": True, "content": content}
     return operation
 
 
@@ -80,6 +82,7 @@ def document() -> bytes:
                 body=_ref(endpoint.schema),
                 stream=endpoint.streams,
                 anthropic=endpoint.anthropic,
+                form=endpoint.form,
             )
         }
         for endpoint in endpoints.FORWARDED

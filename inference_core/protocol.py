@@ -113,6 +113,14 @@ class ModelRequest(OpenModel):
     priority: int | None = Field(None, description="Queue priority: lower is served sooner.")
 
 
+class AudioRequest(OpenModel):
+    """A speech-to-text upload (multipart/form-data); the gateway reads ``model`` and ``stream``."""
+
+    model: str = Field(description="The model, or an alias: it decides the backend.")
+    file: bytes = Field(description="The audio file.", json_schema_extra={"format": "binary"})
+    stream: bool | None = Field(None, description="true: the text as server-sent events.")
+
+
 # Responses (documentation only: bodies are relayed as the backend wrote them).
 
 

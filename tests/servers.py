@@ -97,3 +97,11 @@ def start_gateway(log_dir: Path, backend_url: str, env: dict[str, str] | None = 
     }
     env.update({f"INFERENCE_{name.upper()}": value for name, value in settings.items()})
     return start(["inference_core"], port=port, env=env, log_dir=log_dir, ready_path="/health/live")
+
+
+def start_fleet(log_dir: Path, config: Path, env: dict[str, str] | None = None, **settings: str) -> Server:
+    """A gateway configured by the file ``config`` (``settings`` are INFERENCE_* variables on top)."""
+    port = free_port()
+    env = {**(env or {}), "INFERENCE_CONFIG": str(config), "INFERENCE_PORT": str(port), "INFERENCE_HOST": "127.0.0.1"}
+    env.update({f"INFERENCE_{name.upper()}": value for name, value in settings.items()})
+    return start(["inference_core"], port=port, env=env, log_dir=log_dir, ready_path="/health/live")

@@ -195,7 +195,7 @@ def test_queue_and_retry_headers(http: httpx.Client) -> None:
 
 def _rate(gateway: Server) -> float:
     text = httpx.get(gateway.url + "/metrics").text
-    return float(re.search(r"^inference_core_rate_limit_rps (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    return float(re.search(r"^inference_core_rate_limit_rps\{backend=\"default\"\} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
 
 
 def test_rate_limit_holds_and_adapts(spawn: Spawn, simulator: Server) -> None:

@@ -49,12 +49,12 @@ def test_request_metrics_move(gateway: Server, http: httpx.Client) -> None:
     assert delta("inference_core_tokens_total", kind="prompt", model=MODEL) == usage["prompt_tokens"]
     assert delta("inference_core_tokens_total", kind="completion", model=MODEL) == usage["completion_tokens"]
     assert delta("inference_core_request_duration_seconds_count", endpoint=chat) == 2
-    assert delta("inference_core_upstream_duration_seconds_count", endpoint=chat) == 2
+    assert delta("inference_core_upstream_duration_seconds_count", endpoint=chat, backend="default") == 2
     assert delta("inference_core_overhead_seconds_count", endpoint=chat) == 1
     assert delta("inference_core_queue_wait_seconds_count") == 2
-    assert delta("inference_core_upstream_errors_total", kind="404") == 1
+    assert delta("inference_core_upstream_errors_total", kind="404", backend="default") == 1
     assert value(after, "inference_core_concurrency_limit") == 500
-    assert value(after, "inference_core_backend_up") == 1
+    assert value(after, "inference_core_backend_up", backend="default") == 1
     assert value(after, "inference_core_in_flight") == 0 and value(after, "inference_core_queue_depth") == 0
 
 
@@ -72,11 +72,11 @@ def test_retries_and_upstream_errors_are_counted(gateway: Server, http: httpx.Cl
     response = http.post("/v1/chat/completions", json=chat_body(sim_fault="status=503"))
     after = scrape(gateway)
     assert response.status_code == 503
-    retried = value(after, "inference_core_upstream_retries_total", reason="503") - value(
-        before, "inference_core_upstream_retries_total", reason="503"
+    retried = value(after, "inference_core_upstream_retries_total", reason="503", backend="default") - value(
+        before, "inference_core_upstream_retries_total", reason="503", backend="default"
     )
-    failed = value(after, "inference_core_upstream_errors_total", kind="503") - value(
-        before, "inference_core_upstream_errors_total", kind="503"
+    failed = value(after, "inference_core_upstream_errors_total", kind="503", backend="default") - value(
+        before, "inference_core_upstream_errors_total", kind="503", backend="default"
     )
     assert retried == 3 and failed == 4
 

@@ -50,5 +50,11 @@ def test_no_backend_identity_in_response_headers(http: httpx.Client, simulator: 
     response = http.post("/v1/chat/completions", json=chat_body())
     backend = simulator.url.removeprefix("http://")
     assert not any(backend in value for value in response.headers.values())
-    ours = {"x-request-id", "x-inference-queue-ms", "x-inference-retries"}
+    ours = {
+        "x-request-id",
+        "x-inference-queue-ms",
+        "x-inference-retries",
+        "x-inference-backend",
+        "x-inference-fallbacks",
+    }
     assert set(response.headers) <= {"date", "server", "content-length", "content-type", *ours}

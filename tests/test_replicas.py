@@ -66,7 +66,7 @@ def test_killed_replica_loses_no_request_and_comes_back(spawn: Spawn, log_dir: P
         assert len(statuses) > 50 and set(statuses) == {200}, collections.Counter(statuses)
         assert _served(backends[1])[0] > before, "the readmitted replica gets traffic again"
         metrics = httpx.get(gateway.url + "/metrics").text
-        assert 'inference_core_replica_ejections_total{replica="r1"} 1.0' in metrics
+        assert 'inference_core_replica_ejections_total{backend="default",replica="r1"} 1.0' in metrics
     finally:
         for backend in backends:
             backend.stop()
@@ -127,7 +127,10 @@ def test_load_aware_follows_reported_queue_depth(spawn: Spawn) -> None:
     for _ in range(20):
         httpx.post(gateway.url + "/v1/chat/completions", json=chat_body())
     assert _served(busy, idle) == [0, 20]
-    assert 'inference_core_replica_load{kind="waiting",replica="r0"} 40.0' in httpx.get(gateway.url + "/metrics").text
+    assert (
+        'inference_core_replica_load{backend="default",kind="waiting",replica="r0"} 40.0'
+        in httpx.get(gateway.url + "/metrics").text
+    )
 
 
 def test_model_on_one_replica_is_routed_there(spawn: Spawn) -> None:

@@ -1,16 +1,22 @@
 """The engine: everything between a validated request and the transport."""
 
-from inference_core.engine.admission import Admission
-from inference_core.engine.core import Call, Engine, Outcome, Probe, Reply, Stream
+from inference_core.engine.admission import Admission, Lane
+from inference_core.engine.backend import Backend
+from inference_core.engine.core import Call, Engine, Outcome, Reply, Stream
+from inference_core.engine.fleet import Destination, Fleet
 from inference_core.engine.ratelimit import RateLimiter
-from inference_core.engine.retry import RetryEvent, RetryPolicy
+from inference_core.engine.retry import FallbackEvent, RetryEvent, RetryPolicy
 
 __all__ = [
     "Admission",
+    "Backend",
     "Call",
+    "Destination",
     "Engine",
+    "FallbackEvent",
+    "Fleet",
+    "Lane",
     "Outcome",
-    "Probe",
     "RateLimiter",
     "Reply",
     "RetryEvent",

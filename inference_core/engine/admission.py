@@ -1,8 +1,12 @@
 """Admission: at most N requests in flight upstream, the rest waiting in a bounded priority queue.
 
-Waiters are served by priority (lower first, vLLM's convention), first come first served within
-one priority. A full queue refuses at once; a waiter that times out or is cancelled (its client
-left) leaves the queue at once and never reaches the backend.
+Each backend has a ``Lane``: its own cap on slots and its own line of waiters, so a slow backend
+fills its own lane and never holds up requests for another. Above the lanes the gateway keeps
+its total (``INFERENCE_MAX_CONCURRENT_TASKS``) and one bound on everyone waiting
+(``INFERENCE_QUEUE_SIZE``). A freed slot goes to the most urgent waiter of any lane that has room:
+priority first (lower first, vLLM's convention), then arrival. A full queue refuses at once; a
+waiter that times out or is cancelled (its client left) leaves the queue at once and never
+reaches the backend.
 """
 
 from __future__ import annotations
@@ -14,6 +18,27 @@ import time
 
 from inference_core.errors import Draining, QueueFull, QueueTimeout
 
+Waiter = tuple[int, int, asyncio.Future[None]]
+
+
+class Lane:
+    """One backend's slots (at most ``max_in_flight``) and its waiters, most urgent first."""
+
+    def __init__(self, name: str, max_in_flight: int) -> None:
+        self.name = name
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.waiting = 0
+        self.heap: list[Waiter] = []
+
+    def head(self) -> Waiter | None:
+        """The most urgent live waiter, if this lane has room for it."""
+        if not self.waiting or self.in_flight >= self.max_in_flight:
+            return None
+        while self.heap[0][2].done():  # abandoned waiters stay in the heap until they surface
+            heapq.heappop(self.heap)
+        return self.heap[0]
+
 
 class Admission:
     def __init__(self, *, max_in_flight: int, queue_size: int, queue_timeout: float) -> None:
@@ -23,9 +48,22 @@ class Admission:
         self.in_flight = 0
         self.waiting = 0
         self.closed = False
+        self.lanes: dict[str, Lane] = {}
         self._idle: asyncio.Event | None = None
-        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
+
+    def lane(self, name: str, max_in_flight: int) -> Lane:
+        """The lane of backend ``name``, capped at ``max_in_flight`` (and at the gateway's total).
+
+        A backend keeps its lane across configuration reloads, so requests that started under the
+        old configuration and those under the new one share its cap.
+        """
+        lane = self.lanes.get(name)
+        if lane is None:
+            lane = self.lanes[name] = Lane(name, 0)
+        lane.max_in_flight = min(max_in_flight, self.max_in_flight)
+        self._dispatch()
+        return lane
 
     def close(self) -> None:
         """Admit nothing new (the gateway is draining); those already queued are still served."""
@@ -37,48 +75,65 @@ class Admission:
         if self.in_flight or self.waiting:
             await self._idle.wait()
 
-    async def acquire(self, priority: int = 0) -> float:
-        """Take a slot, waiting for one if need be; returns the seconds spent queued."""
+    async def acquire(self, lane: Lane, priority: int = 0) -> float:
+        """Take a slot in ``lane``, waiting for one if need be; returns the seconds spent queued."""
         if self.closed:
             raise Draining("The gateway is shutting down; retry on another instance.")
-        if self.in_flight < self.max_in_flight and not self.waiting:
+        if self.in_flight < self.max_in_flight and lane.in_flight < lane.max_in_flight and not lane.waiting:
             self.in_flight += 1
+            lane.in_flight += 1
             return 0.0
         if self.waiting >= self.queue_size:
             raise QueueFull(f"The request queue is full ({self.queue_size} waiting).")
         started = time.monotonic()
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (priority, next(self._order), granted))
+        heapq.heappush(lane.heap, (priority, next(self._order), granted))
+        lane.waiting += 1
         self.waiting += 1
         try:
             async with asyncio.timeout(self.queue_timeout):
                 await granted
         except BaseException as exc:
             if granted.done() and not granted.cancelled():
-                self.release()  # the slot arrived as we gave up: pass it on
+                self.release(lane)  # the slot arrived as we gave up: pass it on
             else:
                 granted.cancel()
+                lane.waiting -= 1
                 self.waiting -= 1
-                self._compact()
+                self._compact(lane)
             if isinstance(exc, TimeoutError):
                 raise QueueTimeout(f"The request waited over {self.queue_timeout:g}s for a slot.") from None
             raise
         return time.monotonic() - started
 
-    def release(self) -> None:
-        """Give the slot to the next live waiter, or free it."""
-        while self._heap:
-            _, _, granted = heapq.heappop(self._heap)
-            if not granted.done():
-                self.waiting -= 1
-                granted.set_result(None)
-                return
+    def release(self, lane: Lane) -> None:
+        """Free a slot of ``lane`` and hand slots to the most urgent waiters that may take them."""
+        lane.in_flight -= 1
         self.in_flight -= 1
+        self._dispatch()
         if self._idle is not None and not self.in_flight:
             self._idle.set()
 
-    def _compact(self) -> None:
+    def _dispatch(self) -> None:
+        while self.in_flight < self.max_in_flight:
+            best: Lane | None = None
+            best_head: Waiter | None = None
+            for lane in self.lanes.values():
+                head = lane.head()
+                if head is not None and (best_head is None or head[:2] < best_head[:2]):
+                    best, best_head = lane, head
+            if best is None or best_head is None:
+                return
+            heapq.heappop(best.heap)
+            best.waiting -= 1
+            self.waiting -= 1
+            best.in_flight += 1
+            self.in_flight += 1
+            best_head[2].set_result(None)
+
+    @staticmethod
+    def _compact(lane: Lane) -> None:
         """Drop abandoned entries once they outnumber the live ones, to bound memory."""
-        if len(self._heap) > 2 * self.waiting + 64:
-            self._heap = [entry for entry in self._heap if not entry[2].done()]
-            heapq.heapify(self._heap)
+        if len(lane.heap) > 2 * lane.waiting + 64:
+            lane.heap = [entry for entry in lane.heap if not entry[2].done()]
+            heapq.heapify(lane.heap)

@@ -1,4 +1,4 @@
-"""Which replica holds each stored response: vLLM keeps them in one replica's memory.
+"""Which backend and replica hold each stored response: vLLM keeps them in one replica's memory.
 
 A ``previous_response_id`` (and every call on ``/v1/responses/{id}``) must reach the replica
 that created the response, or vLLM answers that it does not exist. The map is bounded: the
@@ -9,23 +9,26 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+#: (backend name, replica name)
+Holder = tuple[str, str]
+
 
 class ResponseAffinity:
     def __init__(self, size: int) -> None:
         self.size = size
-        self._where: OrderedDict[str, str] = OrderedDict()
+        self._where: OrderedDict[str, Holder] = OrderedDict()
 
-    def remember(self, response_id: str, replica: str) -> None:
-        self._where[response_id] = replica
+    def remember(self, response_id: str, holder: Holder) -> None:
+        self._where[response_id] = holder
         self._where.move_to_end(response_id)
         if len(self._where) > self.size:
             self._where.popitem(last=False)
 
-    def replica_of(self, response_id: str) -> str | None:
-        replica = self._where.get(response_id)
-        if replica is not None:
+    def holder_of(self, response_id: str) -> Holder | None:
+        holder = self._where.get(response_id)
+        if holder is not None:
             self._where.move_to_end(response_id)
-        return replica
+        return holder
 
     def forget(self, response_id: str) -> None:
         self._where.pop(response_id, None)

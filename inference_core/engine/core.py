@@ -1,4 +1,4 @@
-"""The request path below the routes: admit, limit, translate, send, retry.
+"""The request path below the routes: route, admit, limit, translate, send, retry, fall back.
 
 Routes hand the engine a ``Call``; it returns a ``Reply`` (a whole body) or a ``Stream`` (SSE
 frames). Failures are raised as ``GatewayError``s carrying the headers the client should see.
@@ -11,37 +11,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 import orjson
 
-from inference_core import sse
+from inference_core import multipart, sse
 from inference_core.endpoints import Endpoint
 from inference_core.engine import retry
 from inference_core.engine.admission import Admission
 from inference_core.engine.affinity import ResponseAffinity
-from inference_core.engine.ratelimit import RateLimiter
-from inference_core.engine.replicas import Balancer, Load, Replica
+from inference_core.engine.backend import Backend, model_entries, model_entry, upstream_error
+from inference_core.engine.fleet import Destination, Fleet
+from inference_core.engine.replicas import Replica
 from inference_core.errors import (
     BadUpstreamResponse,
     GatewayError,
+    InvalidRequest,
     ModelNotFound,
-    NoHealthyBackend,
+    QueueTimeout,
     ResponseNotFound,
     UpstreamStatusError,
 )
-from inference_core.providers.base import Payload, Provider
+from inference_core.providers.base import Payload
 from inference_core.tracing import NO_TRACER, AttributeValue, Span, Tracer
 from inference_core.upstream import UpstreamResponse
 
 DROPPED_PARAMS_HEADER = "x-inference-dropped-params"
 QUEUE_MS_HEADER = "x-inference-queue-ms"
 RETRIES_HEADER = "x-inference-retries"
-PROBE_TIMEOUT_SECONDS = 5.0
+BACKEND_HEADER = "x-inference-backend"
+FALLBACKS_HEADER = "x-inference-fallbacks"
 
 log = logging.getLogger("inference_core")
+T = TypeVar("T")
 _REQUEST_ATTRIBUTES = (
     ("max_tokens", "gen_ai.request.max_tokens"),
     ("temperature", "gen_ai.request.temperature"),
@@ -62,14 +66,22 @@ class Outcome:
     backoff: float = 0.0
     #: Seconds spent waiting on the backend, over all attempts (to headers, or whole body).
     upstream: float = 0.0
-    #: One entry per failed attempt: connect, timeout, bad_response or the HTTP status.
-    upstream_errors: list[str] = field(default_factory=list)
+    #: One (backend, kind) per failed attempt; kind is connect, timeout, bad_response or the HTTP status.
+    upstream_errors: list[tuple[str, str]] = field(default_factory=list)
+    #: The backend that answered (or failed last).
+    backend: str | None = None
+    #: Targets of the model passed over before ``backend``.
+    fallbacks: int = 0
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
     def headers(self) -> dict[str, str]:
-        return {QUEUE_MS_HEADER: f"{self.queued * 1000:.1f}", RETRIES_HEADER: str(self.retries)}
+        headers = {QUEUE_MS_HEADER: f"{self.queued * 1000:.1f}", RETRIES_HEADER: str(self.retries)}
+        if self.backend is not None:
+            headers[BACKEND_HEADER] = self.backend
+            headers[FALLBACKS_HEADER] = str(self.fallbacks)
+        return headers
 
     def count_usage(self, usage: object) -> None:
         """Chat and completions say prompt/completion tokens; the Responses API says input/output."""
@@ -84,7 +96,7 @@ def _int_or_none(value: object) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One OpenAI operation to perform; ``raw`` is the client's body, forwarded when unchanged."""
+    """One operation to perform; ``raw`` is the client's body, forwarded when unchanged."""
 
     endpoint: Endpoint
     payload: Payload
@@ -95,6 +107,8 @@ class Call:
     max_retries: int | None = None
     #: A stored response this call builds on or acts on: it must reach the replica holding it.
     response_id: str | None = None
+    #: The body's type: JSON, or the client's multipart form with its boundary.
+    content_type: str = "application/json"
     outcome: Outcome = field(default_factory=Outcome)
 
 
@@ -133,9 +147,12 @@ class Sent:
 
 
 @dataclass(frozen=True, slots=True)
-class Probe:
-    ok: bool
-    latency_ms: float
+class Plan:
+    """Where a call goes: its destinations, each with its index among the model's targets."""
+
+    destinations: list[tuple[int, Destination]]
+    #: The replica holding the stored response the call is about.
+    pinned: Replica | None = None
 
 
 def _failure_kind(error: GatewayError) -> str:
@@ -151,154 +168,198 @@ def _relayed_headers(upstream: Mapping[str, str]) -> dict[str, str]:
 
 
 class Engine:
-    """Sends calls through one provider to a balanced set of replicas, within the gateway's limits."""
+    """Sends calls to the backends of a fleet, within the gateway's and each backend's limits."""
 
     def __init__(
         self,
-        provider: Provider,
-        balancer: Balancer,
+        fleet: Fleet,
         *,
-        api_key: str,
-        default_model: str,
-        timeout: float,
         admission: Admission,
         retry_policy: retry.RetryPolicy,
-        rate_limiter: RateLimiter | None = None,
-        on_retry: Callable[[retry.RetryEvent], None] | None = None,
         affinity: ResponseAffinity,
+        on_retry: Callable[[retry.RetryEvent], None] | None = None,
+        on_fallback: Callable[[retry.FallbackEvent], None] | None = None,
         tracer: Tracer = NO_TRACER,
     ) -> None:
-        self.provider = provider
-        self.balancer = balancer
-        self.default_model = default_model
-        self.timeout = timeout
+        #: Replaced whole on reload; each call keeps the fleet it started with.
+        self.fleet = fleet
         self.admission = admission
         self.retry_policy = retry_policy
-        self.rate_limiter = rate_limiter
-        self.on_retry = on_retry
-        self.tracer = tracer
         self.affinity = affinity
-        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.discovered = False
-
-    def _headers(self, request_id: str) -> dict[str, str]:
-        return {**self._auth, "Content-Type": "application/json", "X-Request-Id": request_id}
-
-    async def discover(self, replica: Replica) -> None:
-        """Ask the backend what it is (e.g. vLLM's version decides how to translate), until it says.
-
-        Called by the health monitor at start-up and with every probe, never on the request path.
-        """
-        path = self.provider.discovery_path
-        if path is None or self.discovered:
-            return
-        try:
-            response = await replica.transport.request("GET", path, headers=self._auth, within=PROBE_TIMEOUT_SECONDS)
-            body = await response.read()
-            if response.status == 200:
-                self.provider.learn(body)
-                self.discovered = True
-        except (GatewayError, ValueError):
-            pass  # the next probe asks again; until then the provider assumes a current backend
+        self.on_retry = on_retry
+        self.on_fallback = on_fallback
+        self.tracer = tracer
 
     # One call, start to end.
 
     async def complete(self, call: Call) -> Reply:
-        outcome = call.outcome
-        pinned = self._holder(call)
-        await self._admit(call)
-        try:
-            _, headers, body = await self._with_retries(call, pinned, stream=False)
-        except GatewayError as error:
-            error.headers.update(outcome.headers())
-            raise
-        finally:
-            self.admission.release()
-        assert body is not None
+        body, headers = await self._across(call, self._complete_at)
         if call.endpoint.method == "DELETE" and call.response_id is not None:
             self.affinity.forget(call.response_id)
-        return Reply(body, headers | outcome.headers())
+        return Reply(body, headers | call.outcome.headers())
 
     async def stream(self, call: Call) -> Stream:
         """Start a stream; its slot is held until ``Stream.aclose``."""
-        pinned = self._holder(call)
-        await self._admit(call)
+        stream = await self._across(call, self._stream_at)
+        stream.headers.update(call.outcome.headers())
+        return stream
+
+    async def _across(self, call: Call, send: Callable[[Call, Destination, Replica | None], Awaitable[T]]) -> T:
+        """``send`` to the call's first destination, then to the next while a target cannot answer.
+
+        A stream moves on only before its first byte: ``stream`` returns once the headers came.
+        """
+        plan = self._plan(call, self.fleet)
+        outcome = call.outcome
+        last = len(plan.destinations) - 1
+        for position, (index, destination) in enumerate(plan.destinations):
+            outcome.backend = destination.backend.name
+            outcome.fallbacks = index
+            try:
+                return await send(call, destination, plan.pinned)
+            except GatewayError as error:
+                reason = retry.fallback_reason(error)
+                if reason is None or position == last:
+                    error.headers.update(outcome.headers())
+                    raise
+                following = plan.destinations[position + 1][1].backend.name
+                if self.on_fallback is not None:
+                    self.on_fallback(retry.FallbackEvent(call.request_id, destination.backend.name, following, reason))
+        raise AssertionError("a plan has at least one destination")
+
+    def _plan(self, call: Call, fleet: Fleet) -> Plan:
+        endpoint = call.endpoint
+        model = call.payload.get("model") or fleet.default_model
+        if call.response_id is not None:
+            return self._pinned(call.response_id, str(model), fleet)
+        destinations = fleet.route(str(model))
+        usable = [(i, d) for i, d in enumerate(destinations) if d.backend.can_serve(endpoint)]
+        if not usable:
+            raise InvalidRequest(
+                f"{endpoint.path} is served by vLLM backends only, and '{model}' is not on one.", param="model"
+            )
+        return Plan(usable)
+
+    def _pinned(self, response_id: str, model: str, fleet: Fleet) -> Plan:
+        """The backend and replica holding a stored response, for a call about it."""
+        holder = self.affinity.holder_of(response_id)
+        backend = fleet.backends.get(holder[0]) if holder is not None else None
+        replica = next((r for r in backend.replicas if holder and r.name == holder[1]), None) if backend else None
+        if backend is None or replica is None:
+            raise ResponseNotFound(f"No response with id '{response_id}' is known.", param="response_id")
+        # An alias names, on the holder's backend, the model that backend knows it by.
+        chain = fleet.aliases.get(model, ())
+        model = next((target.model for target in chain if target.backend == backend.name), model)
+        return Plan([(0, Destination(backend, model))], replica)
+
+    async def _complete_at(
+        self, call: Call, destination: Destination, pinned: Replica | None
+    ) -> tuple[bytes, dict[str, str]]:
+        backend = destination.backend
+        await self._take_slot(call, backend)
         try:
-            sent, headers, _ = await self._with_retries(call, pinned, stream=True)
-        except BaseException as error:
-            self.admission.release()
-            if isinstance(error, GatewayError):
-                error.headers.update(call.outcome.headers())
+            _, headers, body = await self._with_retries(call, destination, pinned, stream=False)
+        finally:
+            self._free_slot(backend)
+        assert body is not None
+        return body, headers
+
+    async def _stream_at(self, call: Call, destination: Destination, pinned: Replica | None) -> Stream:
+        backend = destination.backend
+        await self._take_slot(call, backend)
+        try:
+            sent, headers, _ = await self._with_retries(call, destination, pinned, stream=True)
+        except BaseException:
+            self._free_slot(backend)
             raise
 
         def release() -> None:
             sent.replica.in_flight -= 1
-            self.admission.release()
+            self._free_slot(backend)
 
         frames = sse.whole_frames(sent.response.chunks(), call.endpoint.stream_ends)
         if call.endpoint.stores_responses:
-            frames = self._remembering(frames, sent.replica)
-        return Stream(frames, headers | call.outcome.headers(), sent.response, release)
+            frames = self._remembering(frames, backend, sent.replica)
+        return Stream(frames, headers, sent.response, release)
 
-    def _holder(self, call: Call) -> Replica | None:
-        """The replica holding the stored response ``call`` is about; None when it is about none."""
-        if call.response_id is None:
-            return None
-        name = self.affinity.replica_of(call.response_id)
-        holder = next((replica for replica in self.balancer.replicas if replica.name == name), None)
-        if holder is None:
-            raise ResponseNotFound(f"No response with id '{call.response_id}' is known.", param="response_id")
-        return holder
-
-    async def _remembering(self, frames: AsyncIterator[bytes], replica: Replica) -> AsyncIterator[bytes]:
+    async def _remembering(
+        self, frames: AsyncIterator[bytes], backend: Backend, replica: Replica
+    ) -> AsyncIterator[bytes]:
         """Relay ``frames``, noting which replica holds the response the stream creates."""
         async for frame in frames:
             if b"response.created" in frame:
                 created = sse.created_response_id(frame)
                 if created is not None:
-                    self.affinity.remember(created, replica.name)
+                    self.affinity.remember(created, (backend.name, replica.name))
             yield frame
 
-    async def _admit(self, call: Call) -> None:
+    async def _take_slot(self, call: Call, backend: Backend) -> None:
+        """Wait for a slot in the backend's lane; the backend counts the call until ``_free_slot``."""
+        backend.enter()
         with self.tracer.span("queue", {"inference_core.priority": call.priority}):
-            call.outcome.queued = await self.admission.acquire(call.priority)
+            try:
+                call.outcome.queued += await self.admission.acquire(backend.lane, call.priority)
+            except BaseException as error:
+                backend.leave()
+                if isinstance(error, QueueTimeout):
+                    call.outcome.queued += self.admission.queue_timeout  # spent in line before moving on
+                raise
 
-    def _prepare(self, call: Call) -> tuple[Payload, bytes | None, tuple[str, ...]]:
-        """The payload as the backend wants it, serialised once for every attempt (None: no body)."""
-        payload = call.payload
-        raw = call.raw
-        if not call.endpoint.body:
-            return payload, None, ()
-        if "model" not in payload:
-            payload = {**payload, "model": self.default_model}
-            raw = None
-        translation = self.provider.translate(call.endpoint, payload)
+    def _free_slot(self, backend: Backend) -> None:
+        self.admission.release(backend.lane)
+        backend.leave()
+
+    @staticmethod
+    def _routed(call: Call, model: str) -> tuple[Payload, bytes | None]:
+        """The payload naming the model its backend knows, and its bytes when they are the client's."""
+        if call.payload.get("model") == model or not call.endpoint.body:
+            return call.payload, call.raw
+        payload = {**call.payload, "model": model}
+        if not call.endpoint.form or call.raw is None:
+            return payload, None
+        boundary = multipart.boundary(call.content_type)
+        try:
+            return payload, multipart.replace_field(call.raw, boundary or b"", "model", model)
+        except ValueError:
+            raise InvalidRequest(f"The form's model cannot be set to '{model}'.", param="model") from None
+
+    @staticmethod
+    def _translated(
+        endpoint: Endpoint, payload: Payload, raw: bytes | None, replica: Replica
+    ) -> tuple[bytes | None, tuple[str, ...]]:
+        """The body as ``replica`` wants it (its provider decides), and the parameters it dropped."""
+        if not endpoint.body:
+            return None, ()
+        translation = replica.provider.translate(endpoint, payload)
         if translation.changed or raw is None:
             raw = orjson.dumps(translation.payload)
-        return translation.payload, raw, translation.dropped
+        return raw, translation.dropped
 
     async def _with_retries(
-        self, call: Call, pinned: Replica | None, *, stream: bool
+        self, call: Call, destination: Destination, pinned: Replica | None, *, stream: bool
     ) -> tuple[Sent, dict[str, str], bytes | None]:
         """Send until an attempt succeeds, the error is not worth retrying, or time runs out.
 
         Each attempt goes to a replica this call has not tried yet, where there is one, unless
         the call is ``pinned`` to the replica holding its stored response.
         """
+        backend = destination.backend
         outcome = call.outcome
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + backend.timeout
         policy = self.retry_policy
         max_retries = policy.max_retries if call.max_retries is None else min(call.max_retries, policy.max_retries)
-        payload, raw, dropped = self._prepare(call)
-        name, attributes = self._span_details(call) if self.tracer.enabled else ("", {})
+        payload, client_raw = self._routed(call, destination.model)
+        name, attributes = self._span_details(call, destination) if self.tracer.enabled else ("", {})
+        rate_limiter = backend.rate_limiter
         tried: list[Replica] = []
         while True:
-            if self.rate_limiter is not None:
+            if rate_limiter is not None:
                 # Waiting for the rate limit is waiting in line: it counts as queue time.
-                waited = await self.rate_limiter.acquire(within=deadline - time.monotonic())
+                waited = await rate_limiter.acquire(within=deadline - time.monotonic())
                 outcome.queued += waited
                 outcome.rate_limited += waited
-            replica = pinned or self.balancer.pick(payload, tried)
+            replica = pinned or backend.balancer.pick(payload, tried)
+            raw, dropped = self._translated(call.endpoint, payload, client_raw, replica)
             tried.append(replica)
             started = time.perf_counter()
             replica.in_flight += 1
@@ -306,23 +367,25 @@ class Engine:
             try:
                 with self.tracer.span(name, attributes, kind="client") as span:
                     span.set("server.address", replica.address)
-                    result = await self._attempt(call, replica, raw, deadline - time.monotonic(), span, stream=stream)
+                    result = await self._attempt(
+                        call, backend, replica, raw, deadline - time.monotonic(), span, stream=stream
+                    )
             except GatewayError as error:
                 replica.in_flight -= 1
                 outcome.upstream += time.perf_counter() - started
                 why = retry.reason(error)
-                outcome.upstream_errors.append(why or _failure_kind(error))
-                self._blame(replica, error)
+                outcome.upstream_errors.append((backend.name, why or _failure_kind(error)))
+                self._blame(backend, replica, error)
                 asked = error.retry_after if isinstance(error, UpstreamStatusError) else None
-                if why == "429" and self.rate_limiter is not None:
-                    self.rate_limiter.throttled(asked)
-                if why is None or outcome.retries >= max_retries or not self.balancer.healthy():
+                if why == "429" and rate_limiter is not None:
+                    rate_limiter.throttled(asked)
+                if why is None or outcome.retries >= max_retries or not backend.balancer.healthy():
                     raise
                 delay = policy.delay(outcome.retries, asked)
                 if time.monotonic() + delay >= deadline:
                     raise
                 if self.on_retry is not None:
-                    self.on_retry(retry.RetryEvent(call.request_id, outcome.retries + 1, why, delay))
+                    self.on_retry(retry.RetryEvent(call.request_id, backend.name, outcome.retries + 1, why, delay))
                 await asyncio.sleep(delay)
                 outcome.backoff += delay
                 outcome.retries += 1
@@ -334,14 +397,15 @@ class Engine:
                     replica.in_flight -= 1
                 replica.succeeded()
                 outcome.upstream += time.perf_counter() - started
-                if self.rate_limiter is not None:
-                    self.rate_limiter.succeeded()
+                if rate_limiter is not None:
+                    rate_limiter.succeeded()
                 sent, headers, body = result
                 if dropped:
                     headers[DROPPED_PARAMS_HEADER] = ",".join(dropped)
                 return sent, headers, body
 
-    def _blame(self, replica: Replica, error: GatewayError) -> None:
+    @staticmethod
+    def _blame(backend: Backend, replica: Replica, error: GatewayError) -> None:
         """Failures that say the replica is unwell (not the request) count toward its ejection.
 
         A request's failures never take the last replica in rotation out: one request's 500 says
@@ -349,15 +413,26 @@ class Engine:
         """
         replica.errors += 1
         unwell = not isinstance(error, UpstreamStatusError) or error.status >= 500
-        others = len(self.balancer.healthy()) > 1
-        if unwell and others and replica.failed(eject_after=self.balancer.eject_after):
-            log.warning("replica ejected", extra={"fields": {"replica": replica.name, "address": replica.address}})
+        others = len(backend.balancer.healthy()) > 1
+        if unwell and others and replica.failed(eject_after=backend.balancer.eject_after):
+            log.warning(
+                "replica ejected",
+                extra={"fields": {"backend": backend.name, "replica": replica.name, "address": replica.address}},
+            )
 
     async def _attempt(
-        self, call: Call, replica: Replica, raw: bytes | None, within: float, span: Span, *, stream: bool
+        self,
+        call: Call,
+        backend: Backend,
+        replica: Replica,
+        raw: bytes | None,
+        within: float,
+        span: Span,
+        *,
+        stream: bool,
     ) -> tuple[Sent, dict[str, str], bytes | None]:
         """One upstream attempt: send, and (unless streaming) read and check the body."""
-        request_headers = self._headers(call.request_id)
+        request_headers = {**backend.auth, "Content-Type": call.content_type, "X-Request-Id": call.request_id}
         self.tracer.inject(request_headers)
         response = await replica.transport.request(
             call.endpoint.method,
@@ -369,7 +444,7 @@ class Engine:
         )
         span.set("http.response.status_code", response.status)
         if response.status >= 400:
-            raise self._upstream_error(response, await response.read())
+            raise upstream_error(replica.provider, response, await response.read())
         headers = _relayed_headers(response.headers)
         if stream:
             return Sent(response, replica), headers, None
@@ -380,7 +455,7 @@ class Engine:
             raise BadUpstreamResponse("The backend answered with malformed JSON.") from None
         if isinstance(parsed, dict):
             if call.endpoint.stores_responses and isinstance(parsed.get("id"), str):
-                self.affinity.remember(parsed["id"], replica.name)
+                self.affinity.remember(parsed["id"], (backend.name, replica.name))
             outcome = call.outcome
             outcome.model = parsed.get("model") if isinstance(parsed.get("model"), str) else None
             outcome.count_usage(parsed.get("usage"))
@@ -389,15 +464,16 @@ class Engine:
             span.set("gen_ai.usage.output_tokens", outcome.completion_tokens)
         return Sent(response, replica), headers, body
 
-    def _span_details(self, call: Call) -> tuple[str, dict[str, AttributeValue]]:
+    @staticmethod
+    def _span_details(call: Call, destination: Destination) -> tuple[str, dict[str, AttributeValue]]:
         """An upstream attempt's span name and OpenTelemetry GenAI attributes."""
         payload = call.payload
         operation = call.endpoint.operation
-        model = payload.get("model") or self.default_model
+        model = destination.model
         attributes: dict[str, AttributeValue] = {
             "gen_ai.operation.name": operation,
-            "gen_ai.provider.name": self.provider.name,
-            "gen_ai.request.model": str(model),
+            "gen_ai.provider.name": destination.backend.kind.value,
+            "gen_ai.request.model": model,
         }
         for field_name, attribute in _REQUEST_ATTRIBUTES:
             value = payload.get(field_name)
@@ -405,97 +481,29 @@ class Engine:
                 attributes[attribute] = value
         return f"{operation} {model}", attributes
 
-    def _upstream_error(self, response: UpstreamResponse, body: bytes) -> UpstreamStatusError:
-        error = self.provider.classify_error(response.status, body)
-        error.retry_after = retry.retry_after(response.headers)
-        if "retry-after" in response.headers:
-            error.headers["retry-after"] = response.headers["retry-after"]
-        return error
-
-    # Side doors: models and health, outside the queue.
-
-    async def _get(self, replica: Replica, path: str, request_id: str) -> bytes:
-        headers = {**self._auth, "X-Request-Id": request_id}
-        response = await replica.transport.request("GET", path, headers=headers, within=PROBE_TIMEOUT_SECONDS)
-        body = await response.read()
-        if response.status >= 400:
-            raise self._upstream_error(response, body)
-        return body
+    # Side doors: models, outside the queue.
 
     async def models(self, request_id: str) -> bytes:
-        """The backend's model list; with several replicas, the union of theirs."""
-        replicas = self.balancer.healthy()
-        if not replicas:
-            raise NoHealthyBackend("No healthy backend replica can list models right now.")
-        if len(self.balancer.replicas) == 1:
-            return await self._get(replicas[0], "models", request_id)  # relayed as the backend wrote it
-        answers = await asyncio.gather(*(self._get(r, "models", request_id) for r in replicas), return_exceptions=True)
+        """Every backend's models and every alias, each once; one backend's list relayed as written."""
+        fleet = self.fleet
+        backends = list(fleet.backends.values())
+        if len(backends) == 1 and not fleet.aliases:
+            return await backends[0].models(request_id)
+        answers = await asyncio.gather(*(b.models(request_id) for b in backends), return_exceptions=True)
         merged: dict[str, object] = {}
         for answer in answers:
-            for entry in _model_entries(answer):
+            for entry in model_entries(answer):
                 merged.setdefault(entry["id"], entry)
-        if not merged and isinstance(answers[0], GatewayError):
-            raise answers[0]
+        for alias in fleet.aliases:
+            merged.setdefault(alias, model_entry(alias, "inference-core"))
+        failures = [answer for answer in answers if isinstance(answer, GatewayError)]
+        if not merged and failures:
+            raise failures[0]
         return orjson.dumps({"object": "list", "data": list(merged.values())})
 
     async def model(self, model_id: str, request_id: str) -> bytes:
-        """One model from the backend's list: vLLM has no retrieve endpoint, and ids hold slashes."""
-        for entry in _model_entries(await self.models(request_id)):
+        """One model from the list: vLLM has no retrieve endpoint, and ids hold slashes."""
+        for entry in model_entries(await self.models(request_id)):
             if entry["id"] == model_id:
                 return orjson.dumps(entry)
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
-
-    async def probe(self, replica: Replica) -> Probe:
-        """Is this replica answering? Also learns the models it serves."""
-        started = time.perf_counter()
-        try:
-            await self._get(replica, self.provider.health_path, "health-probe")
-            ok = True
-        except GatewayError:
-            ok = False
-        latency = (time.perf_counter() - started) * 1000
-        if ok:
-            try:
-                listed = _model_entries(await self._get(replica, "models", "health-probe"))
-                replica.models = frozenset(entry["id"] for entry in listed)
-            except GatewayError:
-                pass
-        return Probe(ok, latency)
-
-    async def scrape_load(self, replica: Replica) -> None:
-        """Read a vLLM replica's own queue figures from its ``/metrics``."""
-        try:
-            text = (await self._get(replica, "../metrics", "load-scrape")).decode(errors="replace")
-        except GatewayError:
-            return
-        figures = dict.fromkeys(_LOAD_GAUGES.values(), 0.0)
-        for line in text.splitlines():
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name in _LOAD_GAUGES:
-                try:
-                    figures[_LOAD_GAUGES[name]] += float(line.rsplit(" ", 1)[1])
-                except (IndexError, ValueError):
-                    continue
-        replica.load = Load(figures["waiting"], figures["running"], figures["kv_cache"], time.monotonic())
-
-
-_LOAD_GAUGES = {
-    "vllm:num_requests_waiting": "waiting",
-    "vllm:num_requests_running": "running",
-    "vllm:kv_cache_usage_perc": "kv_cache",
-}
-
-
-def _model_entries(answer: object) -> list[dict[str, Any]]:
-    """The entries of a ``/models`` body that have an id; nothing for an error or a malformed body."""
-    if not isinstance(answer, bytes):
-        return []
-    try:
-        data = orjson.loads(answer).get("data")
-    except (orjson.JSONDecodeError, AttributeError):
-        return []
-    return (
-        [entry for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
-        if isinstance(data, list)
-        else []
-    )

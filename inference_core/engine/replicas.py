@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from inference_core.config import LBPolicy
 from inference_core.errors import NoHealthyBackend
-from inference_core.providers.base import Payload
+from inference_core.providers.base import Payload, Provider
 from inference_core.upstream import Transport
 
 MAX_COOLDOWN_SECONDS = 60.0
@@ -53,12 +53,15 @@ class Load:
 
 
 class Replica:
-    def __init__(self, index: int, root: str, transport: Transport) -> None:
+    def __init__(self, index: int, root: str, transport: Transport, provider: Provider) -> None:
         parts = urlsplit(root)
         #: A bounded, secret-free label (never the URL, which may carry credentials).
         self.name = f"r{index}"
         self.address = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         self.transport = transport
+        #: Its own translator: what it learns (vLLM's version) is this replica's, as fleets mix versions.
+        self.provider = provider
+        self.discovered = False
         self.in_flight = 0
         self.requests = 0
         self.errors = 0
@@ -103,6 +106,7 @@ class Replica:
             "address": self.address,
             "healthy": self.healthy,
             "in_flight": self.in_flight,
+            "version": self.provider.version,
             "last_probe": {
                 "ok": self.probe_ok,
                 "latency_ms": None if self.probe_ms is None else round(self.probe_ms, 2),

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from time import time
 
-from inference_core.errors import BackendTimeout, BackendUnreachable, GatewayError, UpstreamStatusError
+from inference_core.errors import (
+    BackendTimeout,
+    BackendUnreachable,
+    BadUpstreamResponse,
+    GatewayError,
+    NoHealthyBackend,
+    QueueFull,
+    QueueTimeout,
+    UpstreamStatusError,
+)
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -26,9 +35,20 @@ class RetryEvent:
     """One retry about to happen, for hooks (logs, metrics)."""
 
     request_id: str
+    backend: str
     attempt: int
     reason: str
     delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackEvent:
+    """A request moving from one backend to the next target of its model, for hooks."""
+
+    request_id: str
+    source: str
+    target: str
+    reason: str
 
 
 def reason(error: GatewayError) -> str | None:
@@ -40,6 +60,24 @@ def reason(error: GatewayError) -> str | None:
     if isinstance(error, BackendTimeout):
         return "timeout"
     return None
+
+
+def fallback_reason(error: GatewayError) -> str | None:
+    """Why a request should move on to its next target (a bounded label), or None if it must not.
+
+    The target could not answer: no replica in rotation, no slot in time, or its last answer after
+    retries was a failure of the backend (408, 429, 5xx, a timeout, unreachable, malformed).
+    Never for another 4xx: the next target would refuse the same request.
+    """
+    if isinstance(error, UpstreamStatusError):
+        return str(error.status) if error.status in RETRY_STATUSES or error.status >= 500 else None
+    if isinstance(error, NoHealthyBackend):
+        return "no_replica"
+    if isinstance(error, QueueFull | QueueTimeout):
+        return error.code
+    if isinstance(error, BadUpstreamResponse):
+        return "bad_response"
+    return reason(error)
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:

@@ -132,9 +132,10 @@ class RequestContext:
         metrics.queue_wait.observe(outcome.queued)
         if outcome.rate_limited:
             metrics.rate_limited.inc()
-        metrics.of(metrics.upstream_latency, endpoint).observe(outcome.upstream)
-        for kind in outcome.upstream_errors:
-            metrics.of(metrics.upstream_errors, kind).inc()
+        if outcome.backend is not None:
+            metrics.of(metrics.upstream_latency, endpoint, outcome.backend).observe(outcome.upstream)
+        for backend, kind in outcome.upstream_errors:
+            metrics.of(metrics.upstream_errors, kind, backend).inc()
         if outcome.prompt_tokens:
             metrics.of(metrics.tokens, "prompt", model).inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
@@ -161,6 +162,8 @@ class RequestContext:
             fields |= {
                 "queue_ms": round(outcome.queued * 1000, 2),
                 "retries": outcome.retries,
+                "backend": outcome.backend,
+                "fallbacks": outcome.fallbacks,
                 "prompt_tokens": outcome.prompt_tokens,
                 "completion_tokens": outcome.completion_tokens,
             }

@@ -15,8 +15,7 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from inference_core.engine import Admission, RetryEvent
-from inference_core.engine.replicas import Balancer
+from inference_core.engine import Admission, FallbackEvent, Fleet, RetryEvent
 
 #: The largest number of distinct model names used as label values.
 MAX_MODEL_LABELS = 64
@@ -56,7 +55,7 @@ class Metrics:
             "upstream_duration_seconds",
             "Time waiting on the backend per request, over all attempts (streams: to the first byte).",
             _LATENCY,
-            ("endpoint",),
+            ("endpoint", "backend"),
         )
         self.queue_wait = histogram("queue_wait_seconds", "Time waiting for a slot or the rate limit.", _QUEUE)
         self.overhead = histogram(
@@ -68,9 +67,14 @@ class Metrics:
         self.tokens = counter(
             "tokens", "Tokens counted from the backend's usage, by kind and model.", ("kind", "model")
         )
-        self.retries = counter("upstream_retries", "Upstream attempts retried, by reason.", ("reason",))
+        self.retries = counter("upstream_retries", "Upstream attempts retried, by reason.", ("reason", "backend"))
         self.upstream_errors = counter(
-            "upstream_errors", "Failed upstream attempts, by kind (HTTP status, connect, timeout...).", ("kind",)
+            "upstream_errors",
+            "Failed upstream attempts, by kind (HTTP status, connect, timeout...).",
+            ("kind", "backend"),
+        )
+        self.fallbacks = counter(
+            "fallbacks", "Requests moved on to their model's next target, by reason.", ("from", "to", "reason")
         )
         self.disconnects = counter(
             "client_disconnects", "Clients that left before their answer ended, by phase.", ("phase",)
@@ -78,17 +82,14 @@ class Metrics:
         self.queue_depth = gauge("queue_depth", "Requests waiting for a slot.")
         self.in_flight = gauge("in_flight", "Requests holding a slot (sent upstream, or streaming).")
         self.concurrency_limit = gauge("concurrency_limit", "Slots: INFERENCE_MAX_CONCURRENT_TASKS.")
-        self.rate_limit = gauge("rate_limit_rps", "The adaptive upstream rate limit in force (0: no limit).")
         self.rate_limited = counter("rate_limit_waits", "Upstream sends that waited for the rate limit.")
 
-    def watch(self, admission: Admission, balancer: Balancer, rate: Callable[[], float] | None) -> None:
+    def watch(self, admission: Admission, fleet: Callable[[], Fleet]) -> None:
         """Gauges read at scrape time, so the request path pays nothing for them."""
-        self.registry.register(ReplicaCollector(balancer))
+        self.registry.register(BackendCollector(fleet))
         self.queue_depth.set_function(lambda: admission.waiting)
         self.in_flight.set_function(lambda: admission.in_flight)
         self.concurrency_limit.set_function(lambda: admission.max_in_flight)
-        if rate is not None:
-            self.rate_limit.set_function(rate)
 
     def of(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, remembered: label sets are few and a request touches several."""
@@ -108,26 +109,42 @@ class Metrics:
         return name if name in self.models else OTHER
 
     def retried(self, event: RetryEvent) -> None:
-        self.of(self.retries, event.reason).inc()
+        self.of(self.retries, event.reason, event.backend).inc()
+
+    def fell_back(self, event: FallbackEvent) -> None:
+        self.of(self.fallbacks, event.source, event.target, event.reason).inc()
 
 
-class ReplicaCollector:
-    """Per-replica figures, read from the replicas themselves when Prometheus scrapes."""
+class BackendCollector:
+    """Per-backend and per-replica figures, read from the fleet in force when Prometheus scrapes."""
 
-    def __init__(self, balancer: Balancer) -> None:
-        self.balancer = balancer
+    def __init__(self, fleet: Callable[[], Fleet]) -> None:
+        self.fleet = fleet
 
     def collect(self) -> Iterator[Metric]:
-        replicas = self.balancer.replicas
-        up = GaugeMetricFamily("inference_core_backend_up", "1 while at least one replica is in rotation.")
-        up.add_metric([], 1 if any(r.healthy for r in replicas) else 0)
-        yield up
+        backends = list(self.fleet().backends.values())
 
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("replica",)) -> GaugeMetricFamily:
-            return GaugeMetricFamily(f"inference_core_replica_{name}", doc, labels=labels)
+        def backend_gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"inference_core_{name}", doc, labels=["backend"])
+
+        up = backend_gauge("backend_up", "1 while at least one of the backend's replicas is in rotation.")
+        in_flight = backend_gauge("backend_in_flight", "Requests holding one of the backend's slots.")
+        queued = backend_gauge("backend_queue_depth", "Requests waiting for one of the backend's slots.")
+        rate = backend_gauge("rate_limit_rps", "The backend's adaptive upstream rate limit in force (0: no limit).")
+        for backend in backends:
+            up.add_metric([backend.name], 1 if any(r.healthy for r in backend.replicas) else 0)
+            in_flight.add_metric([backend.name], backend.lane.in_flight)
+            queued.add_metric([backend.name], backend.lane.waiting)
+            rate.add_metric([backend.name], backend.rate_limiter.rate if backend.rate_limiter is not None else 0)
+        yield from (up, in_flight, queued, rate)
+
+        labels = ("backend", "replica")
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"inference_core_replica_{name}", doc, labels=[*labels, *extra])
 
         def counter(name: str, doc: str) -> CounterMetricFamily:
-            return CounterMetricFamily(f"inference_core_replica_{name}", doc, labels=["replica"])
+            return CounterMetricFamily(f"inference_core_replica_{name}", doc, labels=labels)
 
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "healthy": gauge("up", "1 while the replica is in rotation."),
@@ -137,15 +154,17 @@ class ReplicaCollector:
             "ejections": counter("ejections", "Times the replica was taken out of rotation."),
         }
         probe = gauge("probe_seconds", "Duration of the replica's last health probe.")
-        load = gauge("load", "Load the replica reported (load_aware): waiting, running, kv_cache.", ("replica", "kind"))
-        for replica in replicas:
-            for attribute, family in families.items():
-                family.add_metric([replica.name], float(getattr(replica, attribute)))
-            if replica.probe_ms is not None:
-                probe.add_metric([replica.name], replica.probe_ms / 1000)
-            if replica.load is not None:
-                for kind in ("waiting", "running", "kv_cache"):
-                    load.add_metric([replica.name, kind], getattr(replica.load, kind))
+        load = gauge("load", "Load the replica reported (load_aware): waiting, running, kv_cache.", ("kind",))
+        for backend in backends:
+            for replica in backend.replicas:
+                names = [backend.name, replica.name]
+                for attribute, family in families.items():
+                    family.add_metric(names, float(getattr(replica, attribute)))
+                if replica.probe_ms is not None:
+                    probe.add_metric(names, replica.probe_ms / 1000)
+                if replica.load is not None:
+                    for kind in ("waiting", "running", "kv_cache"):
+                        load.add_metric([*names, kind], getattr(replica.load, kind))
         yield from families.values()
         yield probe
         yield load

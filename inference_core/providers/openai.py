@@ -48,8 +48,6 @@ class OpenAIProvider:
         """OpenAI needs no discovery."""
 
     def translate(self, endpoint: Endpoint, payload: Payload) -> Translation:
-        if endpoint.vllm_only:
-            raise InvalidRequest(f"{endpoint.path} is served by vLLM backends only, not by OpenAI.")
         if endpoint not in OPENAI:
             return Translation(payload, changed=False)
         unsupported = _VLLM_ONLY | _CHAT_ONLY_VLLM if endpoint is CHAT else _VLLM_ONLY

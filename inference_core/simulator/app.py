@@ -1,10 +1,11 @@
 """The simulator's HTTP API: vLLM's or OpenAI's, chosen by ``SimulatorConfig.mode``.
 
 Faults are asked for per request with the ``x-sim-fault`` header or a ``sim_fault`` body field
-(which passes through a gateway untouched), or for every request with
-``SimulatorConfig.fault``: comma-separated ``status=503``, ``retry_after=2``, ``delay=1.5``
+(a form field in an audio upload; it passes through a gateway untouched), or for every request
+with ``SimulatorConfig.fault``: comma-separated ``status=503``, ``retry_after=2``, ``delay=1.5``
 (seconds before answering), ``reset_after=3`` (drop the connection after 3 stream chunks),
-``malformed`` (invalid JSON), ``no_done`` (stream without ``[DONE]``), ``ttft=0.5``, ``itl=0.02``,
+``malformed`` (invalid JSON), ``no_done`` (stream without ``[DONE]``, or an OpenAI transcription
+without its ``transcript.text.done``), ``ttft=0.5``, ``itl=0.02``,
 ``huge=N`` (a completion of about N MB), and ``times=N`` (only the first N requests asking for
 this exact fault string get it).
 ``GET /_sim/stats`` tells what it saw; ``POST /_sim/reset`` forgets it.
@@ -18,7 +19,7 @@ import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from inference_core.simulator import generate, messages, native
+from inference_core.simulator import audio, generate, messages, native
 from inference_core.simulator.responses import ResponseStore, Unknown
 
 #: Chat fields the OpenAI API knows; anything else is refused in ``openai`` mode, as OpenAI does.
@@ -172,10 +173,17 @@ class Simulator:
         try:
             body: Any = None
             if request.method == "POST":
+                raw = await request.body()
                 try:
-                    body = orjson.loads(await request.body())
+                    body = (
+                        audio.form(raw, request.headers.get("content-type", ""))
+                        if path in audio.ROUTES
+                        else orjson.loads(raw)
+                    )
                 except orjson.JSONDecodeError:
                     raise self.error(400, "Invalid JSON body.") from None
+                except ValueError as exc:  # an audio upload that is not a form with a file
+                    raise self.error(400, str(exc)) from None
                 self.stats.last_body = body
             asked = request.headers.get("x-sim-fault", "")
             if isinstance(body, dict) and isinstance(body.get(FAULT_FIELD), str):
@@ -256,7 +264,9 @@ class Simulator:
             for name in body:
                 if name not in known:
                     raise self.error(400, f"Unrecognized request argument supplied: {name}")
-        model = body.get("model")
+        self._served(body.get("model"))
+
+    def _served(self, model: object) -> None:
         if model not in self.models():
             raise self.error(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
@@ -284,6 +294,8 @@ class Simulator:
             if body.get("stream"):
                 return StreamingResponse(self.responses.events(response), media_type="text/event-stream")
             return _json(response)
+        if path in audio.ROUTES:
+            return await self.transcribe(audio.ROUTES[path], body, faults)
         if self.vllm:
             self._check(body, frozenset())
             if path == "/v1/messages":
@@ -556,6 +568,41 @@ class Simulator:
             self.stats.streams_aborted += 1
             raise
 
+    # Speech to text.
+
+    async def transcribe(self, task: str, fields: audio.Form, faults: dict[str, str]) -> Response:
+        if self.vllm:
+            fields.setdefault("model", self.config.model)  # vLLM serves its one model when none is named
+        elif "model" not in fields:
+            raise self.error(400, "you must provide a model parameter", param="model")
+        self._served(fields["model"])
+        try:
+            if audio.streams(task, fields, vllm=self.vllm):
+                frames = audio.events(task, fields, vllm=self.vllm)
+                return StreamingResponse(self._paced(frames, faults), media_type="text/event-stream")
+            content, media_type = audio.answer(task, fields, vllm=self.vllm)
+        except ValueError as exc:
+            raise self.error(400, str(exc)) from None
+        await asyncio.sleep(float(faults.get("ttft", self.config.ttft)))
+        return Response(content, media_type=media_type)
+
+    async def _paced(self, frames: Sequence[bytes], faults: dict[str, str]) -> AsyncIterator[bytes]:
+        """``frames`` at the configured pace, with the stream faults; ``no_done`` withholds the last frame."""
+        itl = float(faults.get("itl", self.config.itl))
+        reset_after = int(faults["reset_after"]) if "reset_after" in faults else None
+        try:
+            await asyncio.sleep(float(faults.get("ttft", self.config.ttft)))
+            for sent, frame in enumerate(frames[:-1] if "no_done" in faults else frames):
+                if sent:
+                    await asyncio.sleep(itl)
+                if reset_after is not None and sent >= reset_after:
+                    raise ConnectionResetError("simulated connection reset")
+                yield frame
+            self.stats.streams_completed += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            self.stats.streams_aborted += 1
+            raise
+
     # Embeddings.
 
     def embed(self, body: dict[str, Any]) -> Response:
@@ -604,6 +651,7 @@ def create_simulator(config: SimulatorConfig | None = None) -> Starlette:
         Route("/v1/responses", simulator.handle, methods=["POST"]),
         Route("/v1/responses/{rest:path}", simulator.stored_response, methods=["GET", "POST", "DELETE"]),
         *(Route(path, simulator.handle, methods=["POST"]) for path in native.ROUTES),
+        *(Route(path, simulator.handle, methods=["POST"]) for path in audio.ROUTES),
         Route("/v1/models", simulator.handle, methods=["GET"]),
         Route("/version", simulator.handle, methods=["GET"]),
         Route("/health", simulator.handle, methods=["GET"]),

@@ -1,0 +1,183 @@
+"""The routing part of the ``INFERENCE_CONFIG`` file: backends, and the model aliases routed over them.
+
+config.py reads the file's top-level settings; this module builds its ``backends:`` and
+``models:`` into a FleetConfig. A gateway without a file, or with a file that declares no
+backends, serves one backend named ``default`` built from the settings, so the rest of the
+gateway always sees a fleet.
+
+Example::
+
+    backends:
+      local: {base_url: [http://vllm-0:8000/v1, http://vllm-1:8000/v1], api_key: ${VLLM_API_KEY}}
+      openai: {provider: openai, base_url: https://api.openai.com/v1, models: [gpt-4o, "o*"]}
+    models:
+      chat: {target: local/meta-llama/Llama-3.1-8B-Instruct, fallbacks: [openai/gpt-4o-mini]}
+    default_model: chat
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from inference_core.config import ConfigError, LBPolicy, ProviderType, Settings, describe_file, read_config_file
+
+DEFAULT_BACKEND = "default"
+# Names become metric labels and header values, so they keep to characters both accept.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_URL = TypeAdapter(AnyHttpUrl)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where an alias sends a request: a backend, and the model's name there.
+
+    Written ``backend/model`` and split at the first ``/``, since model names hold slashes
+    (``local/meta-llama/Llama-3.1-8B``).
+    """
+
+    backend: str
+    model: str
+
+
+def _target(value: object) -> Target:
+    if isinstance(value, Target):
+        return value
+    backend, slash, model = value.partition("/") if isinstance(value, str) else ("", "", "")
+    if not (backend and slash and model):
+        raise PydanticCustomError("target", "expected backend/model, e.g. local/meta-llama/Llama-3.1-8B")
+    return Target(backend, model)
+
+
+def _listed(value: object) -> object:
+    """One URL, several separated by commas (as INFERENCE_BASE_URL takes them), or a list."""
+    return value.split(",") if isinstance(value, str) else value
+
+
+def _http_root(value: str) -> str:
+    try:
+        _URL.validate_python(value.strip())
+    except ValidationError:
+        raise PydanticCustomError("url", "not an http:// or https:// URL") from None
+    return value.strip().rstrip("/")
+
+
+TargetField = Annotated[Target, PlainValidator(_target)]
+
+
+class BackendConfig(BaseModel):
+    """One backend: a provider's replicas, with their own balancing, limits and timeout."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    provider: ProviderType = Field(default=ProviderType.VLLM, description="vllm or openai.")
+    base_url: Annotated[
+        tuple[Annotated[str, AfterValidator(_http_root)], ...], BeforeValidator(_listed), Field(min_length=1)
+    ] = Field(description="Each replica's API root, stored without a trailing slash.")
+    api_key: SecretStr = Field(default=SecretStr("EMPTY"), description="Key sent to this backend (never logged).")
+    lb_policy: LBPolicy = Field(description="Spreading over its replicas; the file's default is lb_policy's.")
+    max_concurrent_tasks: Annotated[int, Field(ge=1)] = Field(
+        description="Requests in flight to this backend at once; the gateway-wide max_concurrent_tasks still "
+        "caps all backends together, and is the default."
+    )
+    rate_limit_rps: Annotated[float, Field(ge=0)] = Field(default=0.0, description="Requests per second (0: no limit).")
+    rate_limit_burst: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Requests that may go at once under the rate limit (0: one second's worth)."
+    )
+    timeout: Annotated[float, Field(gt=0)] = Field(description="Seconds to wait for an answer; default: timeout's.")
+    models: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Field(min_length=1)] | None = Field(
+        default=None, description="Globs (fnmatch) of the model names it serves; None: learnt from its /v1/models."
+    )
+
+
+class AliasConfig(BaseModel):
+    """A model name clients may ask for: where it is served, then where to go when that fails."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: TargetField
+    fallbacks: tuple[TargetField, ...] = ()
+
+
+class FleetConfig(BaseModel):
+    """Every backend, in the file's order, the aliases routed over them, and the model used when none is named."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backends: Annotated[dict[str, BackendConfig], Field(min_length=1)]
+    models: dict[str, AliasConfig] = Field(default_factory=dict)
+    default_model: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> Self:
+        # Raised with no location, so each message starts with its own key path.
+        for name in self.backends:
+            if not _NAME.fullmatch(name):
+                raise PydanticCustomError(
+                    "backend_name",
+                    f"backends.{name}: a name is 1-64 letters, digits, '_', '.' or '-', the first a letter or digit",
+                )
+        for alias, config in self.models.items():
+            targets = [("target", config.target), *((f"fallbacks[{i}]", t) for i, t in enumerate(config.fallbacks))]
+            for where, target in targets:
+                if target.backend not in self.backends:
+                    raise PydanticCustomError(
+                        "unknown_backend",
+                        f"models.{alias}.{where}: no backend named {target.backend!r} "
+                        f"(backends: {', '.join(self.backends)})",
+                    )
+        return self
+
+
+def load_fleet(settings: Settings) -> FleetConfig:
+    """The backends and aliases to serve, from ``settings.config`` or else from the settings alone.
+
+    The file is read again on every call, as a reload after SIGHUP does; any problem is a ConfigError.
+    Values a backend leaves out default to the settings' (lb_policy, max_concurrent_tasks, timeout).
+    """
+    if settings.config is None:
+        return FleetConfig(backends={DEFAULT_BACKEND: _settings_backend(settings)}, default_model=settings.model)
+    document = read_config_file(settings.config)
+    backends: Any = document.get("backends")
+    if isinstance(backends, dict):
+        defaults = {
+            "lb_policy": settings.lb_policy,
+            "max_concurrent_tasks": settings.max_concurrent_tasks,
+            "timeout": settings.timeout,
+        }
+        backends = {name: defaults | given if isinstance(given, dict) else given for name, given in backends.items()}
+    elif "backends" not in document:
+        backends = {DEFAULT_BACKEND: _settings_backend(settings)}
+    try:
+        return FleetConfig(backends=backends, models=document.get("models", {}), default_model=settings.model)
+    except ValidationError as exc:
+        raise ConfigError(describe_file(settings.config, exc)) from None
+
+
+def _settings_backend(settings: Settings) -> BackendConfig:
+    return BackendConfig(
+        provider=settings.provider_type,
+        base_url=settings.upstream_roots,
+        api_key=settings.api_key,
+        lb_policy=settings.lb_policy,
+        max_concurrent_tasks=settings.max_concurrent_tasks,
+        rate_limit_rps=settings.rate_limit_rps,
+        rate_limit_burst=settings.rate_limit_burst,
+        timeout=settings.timeout,
+    )
