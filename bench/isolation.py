@@ -1,7 +1,7 @@
 """A slow backend beside a fast one: does the slow one's traffic raise the fast one's queue wait?
 
-Two simulators behind one gateway configured by a file: ``openai`` (OpenAI's dialect) answering
-each request after ``--slow`` seconds (10 by default), and ``local`` (vLLM) answering at once.
+Two simulators behind one gateway configured by a file: ``openai`` (OpenAI's dialect), whose
+flood requests each take ``--slow`` seconds (10 by default), and ``local`` (vLLM) answering at once.
 The gateway's total is 64 slots. A client keeps ``--concurrency`` requests going to ``local``
 for ``--seconds``, once alone and once while ``--flood`` requests (200) are sent to ``openai``
 at once, and prints the ``local`` requests' queue wait (``x-inference-queue-ms``) and latency,
@@ -44,10 +44,15 @@ def at(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def measure(url: str, *, seconds: float, concurrency: int, flood: int) -> tuple[list[float], list[float]]:
+async def measure(
+    url: str, *, seconds: float, concurrency: int, flood: int, slowness: float
+) -> tuple[list[float], list[float]]:
     """``local``'s queue waits and latencies (ms) over ``seconds``, with ``flood`` slow requests sent first."""
     fast = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4})
-    slow = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4})
+    slow = orjson.dumps(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+         "sim_fault": f"delay={slowness}"}
+    )  # fmt: skip
     headers = {"content-type": "application/json"}
     waits: list[float] = []
     latencies: list[float] = []
@@ -86,14 +91,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     local_port, remote_port = free_port(), free_port()
-    local = start(["simulate", "--port", str(local_port), "--model", MODEL], {}, f"http://127.0.0.1:{local_port}/health", core=1)
+    local = start(
+        ["simulate", "--port", str(local_port), "--model", MODEL], {}, f"http://127.0.0.1:{local_port}/health", core=1
+    )
     remote = start(
-        ["simulate", "--port", str(remote_port), "--mode", "openai", "--model", "gpt-4o", "--fault", f"delay={args.slow}"],
+        ["simulate", "--port", str(remote_port), "--mode", "openai", "--model", "gpt-4o"],
         {},
         f"http://127.0.0.1:{remote_port}/health",
         core=1,
     )
-    print(f"local requests at c={args.concurrency} for {args.seconds:g} s; flood: {args.flood} requests of {args.slow:g} s")
+    print(
+        f"local requests at c={args.concurrency} for {args.seconds:g} s; flood: {args.flood} requests of {args.slow:g} s"
+    )
     print("| layout | flood | local requests | queue wait p50 / p99 (ms) | latency p50 / p99 (ms) |")
     print("|---|---|---|---|---|")
     try:
@@ -102,12 +111,16 @@ def main() -> None:
                 path = Path(scratch) / f"{layout}.yaml"
                 path.write_text(config(local_port, remote_port, layout))
                 port = free_port()
-                gateway = start(["--config", str(path), "--port", str(port)], {}, f"http://127.0.0.1:{port}/health/ready", core=0)
+                gateway = start(
+                    ["--config", str(path), "--port", str(port)], {}, f"http://127.0.0.1:{port}/health/ready", core=0
+                )
                 try:
                     url = f"http://127.0.0.1:{port}/v1/chat/completions"
                     for flood in (0, args.flood):
                         waits, latencies = asyncio.run(
-                            measure(url, seconds=args.seconds, concurrency=args.concurrency, flood=flood)
+                            measure(
+                                url, seconds=args.seconds, concurrency=args.concurrency, flood=flood, slowness=args.slow
+                            )
                         )
                         print(
                             f"| {layout} | {flood} | {len(waits)} | {at(waits, 0.5):.1f} / {at(waits, 0.99):.1f} | "
