@@ -19,18 +19,24 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.types import ASGIApp
 
 from inference_core import endpoints, multipart, openapi, protocol
-from inference_core.auth import GatewayKeys, parse_keys
+from inference_core.auth import GatewayKeys, parse_keys, tenant_of
 from inference_core.config import ConfigError, Settings, load_settings
 from inference_core.config_file import FleetConfig, load_fleet
 from inference_core.endpoints import Endpoint
 from inference_core.engine import Admission, Backend, Call, Engine, Fleet, RetryPolicy
 from inference_core.engine.affinity import ResponseAffinity
+from inference_core.engine.backend import model_entries
+from inference_core.engine.tenants import Tenant, Windows, build_keys
 from inference_core.errors import (
     ClientDisconnected,
     GatewayError,
     InvalidRequest,
+    ModelNotAllowed,
+    ModelNotFound,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
+    RateLimitExceeded,
     RequestTimeout,
 )
 from inference_core.health import STALE_AFTER_INTERVALS, HealthMonitor
@@ -124,16 +130,19 @@ class Routes:
         self, request: Request, endpoint: Endpoint, payload: Any, raw: bytes, content_type: str = "application/json"
     ) -> ASGIApp:
         record = record_of(request.scope)
+        tenant = tenant_of(request.scope)
+        priority, sent = _priority(payload, request, tenant)
         previous = payload.get("previous_response_id") if endpoint.stores_responses else None
         call = Call(
             endpoint,
-            payload,
+            sent,
             record.request_id,
-            raw,
-            _priority(payload, request),
+            raw if sent is payload else None,
+            priority,
             _max_retries(request),
             previous,
             content_type,
+            tenant,
         )
         record.model = payload.get("model") or self.settings.model
         record.outcome = call.outcome
@@ -148,7 +157,9 @@ class Routes:
         """Retrieve, delete or cancel a stored response, or list its input items, where it is stored."""
         endpoint, response_id = endpoints.stored_response(request.method, request.path_params["response_id"])
         record = record_of(request.scope)
-        call = Call(endpoint, {}, record.request_id, None, _priority({}, request), _max_retries(request), response_id)
+        tenant = tenant_of(request.scope)
+        priority, _ = _priority({}, request, tenant)
+        call = Call(endpoint, {}, record.request_id, None, priority, _max_retries(request), response_id, tenant=tenant)
         record.outcome = call.outcome
         reply = await unless_disconnected(request.receive, self.engine.complete(call))
         return JSONBytes(reply.body, reply.status, reply.headers)
@@ -173,33 +184,51 @@ class Routes:
         if len(items) > self.settings.max_batch_size:
             raise InvalidRequest(f"A batch holds at most {self.settings.max_batch_size} requests.")
         request_id = record_of(request.scope).request_id
-        default_priority = _priority({}, request)
+        tenant = tenant_of(request.scope)
         retries = _max_retries(request)
         answers = asyncio.gather(
-            *(self._batch_item(item, f"{request_id}-{i}", default_priority, retries) for i, item in enumerate(items))
+            *(self._batch_item(item, f"{request_id}-{i}", request, tenant, retries) for i, item in enumerate(items))
         )
         results = await unless_disconnected(request.receive, answers)
         return JSONBytes(b'{"results":[' + b",".join(results) + b"]}")
 
-    async def _batch_item(self, item: object, request_id: str, default_priority: int, max_retries: int | None) -> bytes:
+    async def _batch_item(
+        self, item: object, request_id: str, request: Request, tenant: Tenant | None, max_retries: int | None
+    ) -> bytes:
         try:
             protocol.check(protocol.ChatCompletionRequest, item)
             assert isinstance(item, dict)
             if item.get("stream"):
                 raise InvalidRequest("Streaming is not available in a batch.", param="stream")
-            priority = item.get("priority")
-            priority = default_priority if priority is None else priority
-            call = Call(endpoints.CHAT, item, request_id, priority=priority, max_retries=max_retries)
+            priority, item = _priority(item, request, tenant)
+            call = Call(endpoints.CHAT, item, request_id, priority=priority, max_retries=max_retries, tenant=tenant)
             return (await self.engine.complete(call)).body
         except GatewayError as exc:
             return exc.body()
 
     async def models(self, request: Request) -> ASGIApp:
-        return JSONBytes(await self.engine.models(record_of(request.scope).request_id))
+        listed = await self.engine.models(record_of(request.scope).request_id)
+        tenant = tenant_of(request.scope)
+        if tenant is None or tenant.config.models is None:
+            return JSONBytes(listed)
+        allowed = [entry for entry in model_entries(listed) if tenant.allows(entry["id"])]
+        return JSONBytes(orjson.dumps({"object": "list", "data": allowed}))
 
     async def model(self, request: Request) -> ASGIApp:
         model_id = request.path_params["model_id"]
+        tenant = tenant_of(request.scope)
+        if tenant is not None and not tenant.allows(model_id):
+            raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
         return JSONBytes(await self.engine.model(model_id, record_of(request.scope).request_id))
+
+    async def usage(self, request: Request) -> ASGIApp:
+        """The calling key's limits and usage (an ``admin`` key's: every key's)."""
+        tenant = tenant_of(request.scope)
+        keys = self.engine.fleet.keys
+        if tenant is None or keys is None:
+            raise NotFound("The gateway has no keys, so no usage per key.")
+        shown = keys.tenants.values() if tenant.config.admin else (tenant,)
+        return JSONBytes(orjson.dumps({"object": "list", "data": [self.engine.windows.usage(t) for t in shown]}))
 
     async def health(self, request: Request) -> ASGIApp:
         return JSONBytes(orjson.dumps(self.health_monitor.report()))
@@ -231,6 +260,7 @@ class Routes:
             Route("/v1/models", {"GET": self.models}),
             Route("/v1/models/{model_id:path}", {"GET": self.model}),
             Route("/v1/batch/chat/completions", {"POST": self.batch}),
+            Route("/v1/usage", {"GET": self.usage}),
             Route("/health", {"GET": self.health}),
             Route("/health/live", {"GET": self.live}),
             Route("/health/ready", {"GET": self.ready}),
@@ -246,6 +276,10 @@ class Routes:
 def gateway_error(request: Request, exc: GatewayError) -> ASGIApp:
     record = record_of(request.scope)
     record.error = exc.code or exc.type
+    if isinstance(exc, RateLimitExceeded):
+        record.rejection = "rpm" if exc.kind == "requests" else "tpm"
+    elif isinstance(exc, ModelNotAllowed | Overloaded):
+        record.rejection = exc.code
     record.client_left = isinstance(exc, ClientDisconnected)
     headers = exc.headers
     if not exc.client_may_retry:
@@ -256,18 +290,28 @@ def gateway_error(request: Request, exc: GatewayError) -> ASGIApp:
     return JSONBytes(body, exc.status, headers)
 
 
-def _priority(payload: dict[str, Any], request: Request) -> int:
-    """The body's ``priority`` (vLLM's convention: lower is sooner), else ``X-Priority``, else 0."""
+def _priority(payload: dict[str, Any], request: Request, tenant: Tenant | None) -> tuple[int, dict[str, Any]]:
+    """The request's priority, and its payload carrying it (the same object when unchanged).
+
+    Asked for by the body's ``priority`` (vLLM's convention: lower is sooner), else ``X-Priority``,
+    else 0; with a key, never sooner than the key's own priority, and a body's ``priority`` is
+    rewritten to what it runs at, so the backend's scheduler sees the same.
+    """
     value = payload.get("priority")
     if value is not None:
-        return int(value)
-    header = request.headers.get("x-priority")
-    if header is None:
-        return 0
-    try:
-        return int(header)
-    except ValueError:
-        raise InvalidRequest("The X-Priority header must be an integer.", param="X-Priority") from None
+        asked: int | None = int(value)
+    else:
+        header = request.headers.get("x-priority")
+        try:
+            asked = None if header is None else int(header)
+        except ValueError:
+            raise InvalidRequest("The X-Priority header must be an integer.", param="X-Priority") from None
+    if tenant is None:
+        return asked or 0, payload
+    priority = tenant.priority(asked)
+    if value is not None and priority != value:
+        return priority, {**payload, "priority": priority}
+    return priority, payload
 
 
 def _max_retries(request: Request) -> int | None:
@@ -286,6 +330,7 @@ def fleet_builder(settings: Settings, admission: Admission) -> Callable[[FleetCo
     """Builds the fleet of a configuration; a backend whose block is unchanged is kept as it is."""
 
     def build(config: FleetConfig, previous: Fleet | None) -> Fleet:
+        flat_keys = parse_keys(settings.gateway_api_keys.get_secret_value()) if settings.gateway_api_keys else ()
         backends = {}
         for name, block in config.backends.items():
             kept = previous.backends.get(name) if previous is not None else None
@@ -303,7 +348,8 @@ def fleet_builder(settings: Settings, admission: Admission) -> Callable[[FleetCo
                 )
             )
         aliases = {name: (alias.target, *alias.fallbacks) for name, alias in config.models.items()}
-        return Fleet(backends, aliases, config.default_model)
+        keys = build_keys(config.keys, flat_keys, previous.keys if previous is not None else None)
+        return Fleet(backends, aliases, config.default_model, keys)
 
     return build
 
@@ -330,6 +376,8 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
             max_delay=settings.retry_max_delay,
         ),
         affinity=ResponseAffinity(settings.response_affinity_size),
+        windows=Windows(settings.limit_window),
+        default_completion_tokens=settings.default_completion_tokens,
         on_retry=metrics.retried,
         on_fallback=metrics.fell_back,
         tracer=tracer,
@@ -353,8 +401,7 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
             await backend.aclose()
 
     app: ASGIApp = Router(routes.table(), on_error=gateway_error)
-    if settings.gateway_api_keys is not None:
-        app = GatewayKeys(app, keys=parse_keys(settings.gateway_api_keys.get_secret_value()))
+    app = GatewayKeys(app, keys=lambda: engine.fleet.keys)
     if settings.cors_origins:
         origins = [origin.strip() for origin in settings.cors_origins.split(",")]
         app = CORSMiddleware(app, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])

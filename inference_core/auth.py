@@ -1,23 +1,25 @@
-"""Gateway keys: with ``INFERENCE_GATEWAY_API_KEYS`` set, every ``/v1/*`` call needs one of them.
+"""Gateway keys: with keys configured (``keys:`` in the file, or ``INFERENCE_GATEWAY_API_KEYS``),
+every ``/v1/*`` call needs one of them; the key's tenant goes on with the request.
 
 A key comes as ``Authorization: Bearer`` or, from Anthropic's SDK, as ``x-api-key``; a refusal
-on Anthropic's routes takes Anthropic's error shape. Keys are compared in constant time,
-against every configured key, so neither timing nor the number of comparisons tells a caller
-how close a guess was. Health and metrics stay open: they are for probes and scrapers on the
+on Anthropic's routes takes Anthropic's error shape. Keys are compared in constant time
+(see ``engine/tenants.py``). Health and metrics stay open: they are for probes and scrapers on the
 cluster network, and say nothing secret. The client's Authorization and x-api-key headers are
 never forwarded: the backend's key comes only from configuration.
 """
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Callable
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inference_core.config import ConfigError
 from inference_core.endpoints import ANTHROPIC_PATHS
+from inference_core.engine.tenants import Keys, Tenant
 from inference_core.errors import anthropic_error_body, error_body
+from inference_core.observability import record_of
 
 PROTECTED_PREFIX = "/v1/"
 
@@ -39,29 +41,35 @@ def parse_keys(spec: str) -> tuple[bytes, ...]:
 
 
 class GatewayKeys:
-    """ASGI middleware answering 401, in OpenAI's shape, to ``/v1/*`` calls without a valid key."""
+    """ASGI middleware answering 401, in OpenAI's shape, to ``/v1/*`` calls without a valid key.
 
-    def __init__(self, app: ASGIApp, *, keys: tuple[bytes, ...]) -> None:
+    ``keys`` gives the keys in force (they change on reload); None leaves the API open.
+    """
+
+    def __init__(self, app: ASGIApp, *, keys: Callable[[], Keys | None]) -> None:
         self.app = app
         self.keys = keys
 
-    def _valid(self, scope: Scope) -> bool:
+    @staticmethod
+    def _presented(scope: Scope) -> bytes:
         """``Authorization: Bearer <key>`` (OpenAI's SDKs) or ``x-api-key: <key>`` (Anthropic's)."""
-        given = b""
-        for name, value in scope["headers"]:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        for name, value in headers:
             if name == b"authorization":
-                given = value[7:] if value[:7].lower() == b"bearer " else b""
-                break
+                return value[7:] if value[:7].lower() == b"bearer " else b""
             if name == b"x-api-key":
-                given = value
-                break
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(key, given)
-        return matched and bool(given)
+                return value
+        return b""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX) or self._valid(scope):
+        keys = self.keys()
+        if keys is None or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        tenant = keys.authenticate(self._presented(scope))
+        if tenant is not None:
+            scope["state"]["tenant"] = tenant
+            record_of(scope).key = tenant.name
             await self.app(scope, receive, send)
             return
         message = "Invalid or missing API key."
@@ -76,3 +84,9 @@ class GatewayKeys:
         ]
         await send({"type": "http.response.start", "status": 401, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def tenant_of(scope: Scope) -> Tenant | None:
+    """The tenant whose key came with the request (None when the gateway has no keys)."""
+    tenant: Tenant | None = scope["state"].get("tenant")
+    return tenant

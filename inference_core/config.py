@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "INFERENCE_"
 FILE_VARIABLE = f"{ENV_PREFIX}CONFIG"
-ROUTING_KEYS = frozenset({"backends", "models"})
+ROUTING_KEYS = frozenset({"backends", "models", "keys"})
 # With ``backends:`` in the file these would describe a second backend, one without a name.
 _SINGLE_BACKEND_KEYS = ("base_url", "provider_type", "api_key")
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     )
     eject_after: Annotated[int, Field(ge=1)] = Field(
         3, description="Consecutive failures (probes or requests) that take a replica out of rotation."
+    )
+    limit_window: Annotated[float, Field(gt=0)] = Field(
+        60.0, description="Seconds in one window of the keys' rpm and tpm limits (rpm: requests per window)."
+    )
+    default_completion_tokens: Annotated[int, Field(ge=0)] = Field(
+        256, description="Completion tokens reserved under a key's tpm for a request that sets no max_tokens."
     )
 
     @field_validator("config", mode="before")

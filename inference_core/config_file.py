@@ -115,6 +115,32 @@ class AliasConfig(BaseModel):
     fallbacks: tuple[TargetField, ...] = ()
 
 
+class KeyConfig(BaseModel):
+    """A gateway key with a name (its label in metrics and logs), what it may use, and its limits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: SecretStr | None = Field(default=None, description="The key clients send.")
+    key_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = Field(
+        default=None, description="The key's SHA-256 digest in hex, so the file need not hold the secret."
+    )
+    models: tuple[Annotated[str, Field(min_length=1)], ...] | None = Field(
+        default=None, description="Globs of the models and aliases it may use; None: all."
+    )
+    rpm: Annotated[int, Field(ge=1)] | None = Field(default=None, description="Requests per window (a minute).")
+    tpm: Annotated[int, Field(ge=1)] | None = Field(default=None, description="Tokens per window, prompt + completion.")
+    max_concurrent: Annotated[int, Field(ge=1)] | None = Field(default=None, description="Requests in flight at once.")
+    priority: int = Field(default=0, description="Its requests' priority; a request may ask for a later one only.")
+    weight: Annotated[float, Field(gt=0)] = Field(default=1.0, description="Its share of the queue within a priority.")
+    admin: bool = Field(default=False, description="Sees every key's usage at /v1/usage.")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Self:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise PydanticCustomError("key", "give exactly one of key and key_sha256")
+        return self
+
+
 class FleetConfig(BaseModel):
     """Every backend, in the file's order, the aliases routed over them, and the model used when none is named."""
 
@@ -123,16 +149,19 @@ class FleetConfig(BaseModel):
     backends: Annotated[dict[str, BackendConfig], Field(min_length=1)]
     models: dict[str, AliasConfig] = Field(default_factory=dict)
     default_model: str = Field(min_length=1)
+    keys: dict[str, KeyConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _names(self) -> Self:
         # Raised with no location, so each message starts with its own key path.
-        for name in self.backends:
-            if not _NAME.fullmatch(name):
-                raise PydanticCustomError(
-                    "backend_name",
-                    f"backends.{name}: a name is 1-64 letters, digits, '_', '.' or '-', the first a letter or digit",
-                )
+        for section, names in (("backends", self.backends), ("keys", self.keys)):
+            for name in names:
+                if not _NAME.fullmatch(name):
+                    raise PydanticCustomError(
+                        "name",
+                        f"{section}.{name}: a name is 1-64 letters, digits, '_', '.' or '-', "
+                        "the first a letter or digit",
+                    )
         for alias, config in self.models.items():
             targets = [("target", config.target), *((f"fallbacks[{i}]", t) for i, t in enumerate(config.fallbacks))]
             for where, target in targets:
@@ -165,7 +194,12 @@ def load_fleet(settings: Settings) -> FleetConfig:
     elif "backends" not in document:
         backends = {DEFAULT_BACKEND: _settings_backend(settings)}
     try:
-        return FleetConfig(backends=backends, models=document.get("models", {}), default_model=settings.model)
+        return FleetConfig(
+            backends=backends,
+            models=document.get("models", {}),
+            keys=document.get("keys", {}),
+            default_model=settings.model,
+        )
     except ValidationError as exc:
         raise ConfigError(describe_file(settings.config, exc)) from None
 

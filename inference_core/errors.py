@@ -3,10 +3,12 @@
     GatewayError                      any failure answered with an OpenAI error body
     ├── InvalidRequest                400: the client's request is wrong
     │   └── UnsupportedParameter      400: the backend cannot honour a parameter
+    ├── ModelNotAllowed               403: the caller's key may not use that model
     ├── NotFound                      404: unknown route, model or stored response
     ├── MethodNotAllowed              405
     ├── RequestTimeout                408: the body did not arrive in time
     ├── PayloadTooLarge               413: body over INFERENCE_MAX_BODY_BYTES
+    ├── RateLimitExceeded             429 with Retry-After: the key's rpm or tpm is spent
     ├── ClientDisconnected            499: the client left before its answer (never sent)
     ├── Overloaded                    503 with Retry-After: the gateway cannot take more
     │   ├── QueueFull                 the queue holds INFERENCE_QUEUE_SIZE requests already
@@ -29,6 +31,7 @@ Nothing here imports a web framework or an HTTP client: routes render these, tra
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import orjson
@@ -120,6 +123,30 @@ class ClientDisconnected(GatewayError):
     status = 499
     code = "client_disconnected"
     client_may_retry = True
+
+
+class ModelNotAllowed(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class RateLimitExceeded(GatewayError):
+    """A key's requests or tokens for this window are spent; ``type`` says which, as OpenAI's does."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    client_may_retry = True
+
+    def __init__(self, message: str, *, kind: str, retry_after: float) -> None:
+        super().__init__(message)
+        #: "requests" or "tokens", OpenAI's ``type`` for this error.
+        self.kind = kind
+        self.headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+        self.headers["retry-after-ms"] = str(max(1, round(retry_after * 1000)))
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.kind, code=self.code)
 
 
 class Overloaded(GatewayError):

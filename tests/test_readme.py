@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 import sys
@@ -73,3 +74,12 @@ def test_the_worked_example_routes_as_it_says(spawn: Callable[..., Server], log_
         assert (moved.headers["x-inference-backend"], moved.headers["x-inference-fallbacks"]) == ("openai", "1")
     finally:
         gateway.stop()
+
+
+def test_the_keys_shown_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEAM_A_KEY", "sk-a")
+    path = tmp_path / "keys.yaml"
+    path.write_text(_yaml_blocks()[1])
+    keys = load_fleet(load_settings(config=str(path))).keys
+    assert keys["team-a"].rpm == 600 and keys["team-a"].models == ("chat", "gpt-4o*")
+    assert keys["ops"].admin and keys["ops"].key_sha256 == hashlib.sha256(b"test").hexdigest()

@@ -25,6 +25,7 @@ from inference_core.engine.affinity import ResponseAffinity
 from inference_core.engine.backend import Backend, model_entries, model_entry, upstream_error
 from inference_core.engine.fleet import Destination, Fleet
 from inference_core.engine.replicas import Replica
+from inference_core.engine.tenants import Quota, Tenant, Windows, estimate
 from inference_core.errors import (
     BadUpstreamResponse,
     GatewayError,
@@ -75,6 +76,8 @@ class Outcome:
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: Stream events relayed (counted only where a key's token limit needs them).
+    events: int = 0
 
     def headers(self) -> dict[str, str]:
         headers = {QUEUE_MS_HEADER: f"{self.queued * 1000:.1f}", RETRIES_HEADER: str(self.retries)}
@@ -109,6 +112,8 @@ class Call:
     response_id: str | None = None
     #: The body's type: JSON, or the client's multipart form with its boundary.
     content_type: str = "application/json"
+    #: The key it came with, when the gateway has keys.
+    tenant: Tenant | None = None
     outcome: Outcome = field(default_factory=Outcome)
 
 
@@ -147,6 +152,19 @@ class Sent:
 
 
 @dataclass(frozen=True, slots=True)
+class Ticket:
+    """A call admitted under its key's limits: what it reserved and holds, given back when it ends."""
+
+    tenant: Tenant
+    quota: Quota | None
+    window: int
+    #: Tokens reserved under the key's tpm (0: it has none), and the prompt's share of them.
+    reserved: int
+    prompt: int
+    slot: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """Where a call goes: its destinations, each with its index among the model's targets."""
 
@@ -177,6 +195,8 @@ class Engine:
         admission: Admission,
         retry_policy: retry.RetryPolicy,
         affinity: ResponseAffinity,
+        windows: Windows,
+        default_completion_tokens: int = 256,
         on_retry: Callable[[retry.RetryEvent], None] | None = None,
         on_fallback: Callable[[retry.FallbackEvent], None] | None = None,
         tracer: Tracer = NO_TRACER,
@@ -186,6 +206,8 @@ class Engine:
         self.admission = admission
         self.retry_policy = retry_policy
         self.affinity = affinity
+        self.windows = windows
+        self.default_completion_tokens = default_completion_tokens
         self.on_retry = on_retry
         self.on_fallback = on_fallback
         self.tracer = tracer
@@ -193,16 +215,98 @@ class Engine:
     # One call, start to end.
 
     async def complete(self, call: Call) -> Reply:
-        body, headers = await self._across(call, self._complete_at)
+        ticket = await self._enter(call)
+        try:
+            body, headers = await self._across(call, self._complete_at)
+        except GatewayError as error:
+            if ticket is not None and ticket.quota is not None:
+                error.headers.update(ticket.quota.headers())
+            raise
+        finally:
+            if ticket is not None:
+                self._leave(ticket, call.outcome)
         if call.endpoint.method == "DELETE" and call.response_id is not None:
             self.affinity.forget(call.response_id)
-        return Reply(body, headers | call.outcome.headers())
+        headers |= call.outcome.headers()
+        if ticket is not None and ticket.quota is not None:
+            headers |= ticket.quota.headers()
+        return Reply(body, headers)
 
     async def stream(self, call: Call) -> Stream:
         """Start a stream; its slot is held until ``Stream.aclose``."""
-        stream = await self._across(call, self._stream_at)
+        ticket = await self._enter(call)
+        try:
+            stream = await self._across(call, self._stream_at)
+        except BaseException as error:
+            if ticket is not None:
+                self._leave(ticket, call.outcome)
+                if isinstance(error, GatewayError) and ticket.quota is not None:
+                    error.headers.update(ticket.quota.headers())
+            raise
         stream.headers.update(call.outcome.headers())
+        if ticket is not None:
+            if ticket.quota is not None:
+                stream.headers.update(ticket.quota.headers())
+            if ticket.reserved:
+                stream.frames = self._counted(stream.frames, call.outcome)
+            release = stream.release
+
+            def release_all() -> None:
+                release()
+                self._leave(ticket, call.outcome)
+
+            stream.release = release_all
         return stream
+
+    # Keys: limits taken before a call starts, given back when it ends.
+
+    async def _enter(self, call: Call) -> Ticket | None:
+        """Check the call's key and take what its limits allow, or raise 403, 429 or a queue timeout."""
+        tenant = call.tenant
+        if tenant is None:
+            return None
+        if call.endpoint.body:
+            tenant.check_model(str(call.payload.get("model") or self.fleet.default_model))
+        if not tenant.limited:
+            return None
+        config = tenant.config
+        prompt, completion = estimate(call.raw, call.payload, self.default_completion_tokens)
+        reserved = prompt + completion if config.tpm else 0
+        quota, window = self.windows.take(tenant, reserved) if config.rpm or config.tpm else (None, 0)
+        if tenant.slots is not None:
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(self.admission.queue_timeout):
+                    await tenant.slots.acquire()
+            except BaseException:
+                if reserved:
+                    self.windows.settle(tenant, window, -reserved)
+                raise QueueTimeout(
+                    f"The request waited over {self.admission.queue_timeout:g}s for one of its key's "
+                    f"{config.max_concurrent} slots."
+                ) from None
+            finally:
+                call.outcome.queued += time.monotonic() - started
+        tenant.active += 1
+        return Ticket(tenant, quota, window, reserved, prompt, tenant.slots is not None)
+
+    def _leave(self, ticket: Ticket, outcome: Outcome) -> None:
+        tenant = ticket.tenant
+        tenant.active -= 1
+        if ticket.slot and tenant.slots is not None:
+            tenant.slots.release()
+        if ticket.reserved:
+            if outcome.prompt_tokens is not None:
+                used = outcome.prompt_tokens + (outcome.completion_tokens or 0)
+            else:  # a stream without usage: the prompt as estimated, and one token per event
+                used = ticket.prompt + outcome.events
+            self.windows.settle(tenant, ticket.window, used - ticket.reserved)
+
+    @staticmethod
+    async def _counted(frames: AsyncIterator[bytes], outcome: Outcome) -> AsyncIterator[bytes]:
+        async for frame in frames:
+            outcome.events += 1
+            yield frame
 
     async def _across(self, call: Call, send: Callable[[Call, Destination, Replica | None], Awaitable[T]]) -> T:
         """``send`` to the call's first destination, then to the next while a target cannot answer.
@@ -297,8 +401,12 @@ class Engine:
         """Wait for a slot in the backend's lane; the backend counts the call until ``_free_slot``."""
         backend.enter()
         with self.tracer.span("queue", {"inference_core.priority": call.priority}):
+            tenant = call.tenant
+            share, weight = (tenant.name, tenant.config.weight) if tenant is not None else ("", 1.0)
             try:
-                call.outcome.queued += await self.admission.acquire(backend.lane, call.priority)
+                call.outcome.queued += await self.admission.acquire(
+                    backend.lane, call.priority, share=share, weight=weight
+                )
             except BaseException as error:
                 backend.leave()
                 if isinstance(error, QueueTimeout):

@@ -1,4 +1,4 @@
-"""The backends of one configuration and where each model goes; swapped whole on reload.
+"""The backends and keys of one configuration, and where each model goes; swapped whole on reload.
 
 A request takes the fleet in force when it starts and keeps it to its end, so a reload changes
 where new requests go while those in flight finish where they started.
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from inference_core.config_file import Target
 from inference_core.engine.backend import Backend
+from inference_core.engine.tenants import Keys
 from inference_core.errors import ModelNotFound
 
 
@@ -36,6 +37,8 @@ class Fleet:
     #: Alias -> its target, then its fallbacks.
     aliases: dict[str, tuple[Target, ...]]
     default_model: str
+    #: The keys clients must send (None: the API is open).
+    keys: Keys | None = None
 
     def route(self, model: str) -> list[Destination]:
         """Where a request for ``model`` goes, first choice first."""

@@ -33,6 +33,10 @@ class RequestRecord:
     request_id: str
     started: float
     model: str | None = None
+    #: The name of the key it came with, when the gateway has keys.
+    key: str | None = None
+    #: Why the key's request was refused (rpm, tpm, model_not_allowed, queue_timeout...).
+    rejection: str | None = None
     outcome: Outcome | None = None
     stream: bool = False
     first_event: float | None = None
@@ -124,7 +128,13 @@ class RequestContext:
     ) -> None:
         metrics = self.metrics
         model = metrics.model_label(record.model) if record.model is not None else "none"
-        metrics.of(metrics.requests, endpoint, model, f"{status // 100}xx").inc()
+        status_class = f"{status // 100}xx"
+        metrics.of(metrics.requests, endpoint, model, status_class).inc()
+        key = record.key
+        if key is not None:
+            metrics.of(metrics.key_requests, key, status_class).inc()
+            if record.rejection is not None:
+                metrics.of(metrics.key_rejections, key, record.rejection).inc()
         metrics.of(metrics.latency, endpoint).observe(finished - record.started)
         outcome = record.outcome
         if outcome is None:
@@ -138,8 +148,12 @@ class RequestContext:
             metrics.of(metrics.upstream_errors, kind, backend).inc()
         if outcome.prompt_tokens:
             metrics.of(metrics.tokens, "prompt", model).inc(outcome.prompt_tokens)
+            if key is not None:
+                metrics.of(metrics.key_tokens, key, "prompt").inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
             metrics.of(metrics.tokens, "completion", model).inc(outcome.completion_tokens)
+            if key is not None:
+                metrics.of(metrics.key_tokens, key, "completion").inc(outcome.completion_tokens)
         if response_started and status < 400:
             own = response_started - record.started - outcome.queued - outcome.upstream - outcome.backoff
             metrics.of(metrics.overhead, endpoint).observe(max(own, 0.0))
@@ -155,6 +169,7 @@ class RequestContext:
             "method": scope["method"],
             "endpoint": endpoint,
             "model": record.model,
+            "key": record.key,
             "status": status,
             "latency_ms": round((finished - record.started) * 1000, 2),
         }

@@ -73,6 +73,13 @@ class Metrics:
             "Failed upstream attempts, by kind (HTTP status, connect, timeout...).",
             ("kind", "backend"),
         )
+        self.key_requests = counter(
+            "key_requests", "Requests answered per key, by status class.", ("key", "status_class")
+        )
+        self.key_tokens = counter("key_tokens", "Tokens used per key, by kind (prompt, completion).", ("key", "kind"))
+        self.key_rejections = counter(
+            "key_rejections", "Requests refused per key, by reason (rpm, tpm, model_not_allowed...).", ("key", "reason")
+        )
         self.fallbacks = counter(
             "fallbacks", "Requests moved on to their model's next target, by reason.", ("from", "to", "reason")
         )
