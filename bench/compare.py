@@ -4,8 +4,10 @@ An nginx backend answers a fixed chat.completion (JSON) or a fixed 20-chunk SSE 
 drives it directly, and through each target: nginx ``proxy_pass`` (the floor for one hop),
 vllm-router (Rust, PyPI ``vllm-router``), the LiteLLM proxy (PyPI ``litellm[proxy]``, one
 worker, no database), inference-core with its defaults (queue, metrics, JSON access log to a
-file) and inference-core from a three-backend configuration file (``inference-core-fleet``: the
-benchmark's model is routed past two other backends' globs to the third). The target under test is pinned to core 0; the backend and wrk share core 1. For JSON
+file), inference-core from a three-backend configuration file (``inference-core-fleet``: the
+benchmark's model is routed past two other backends' globs to the third), with a named key whose
+rpm and tpm count every request (``inference-core-keys``), and the same with the key's windows
+in Redis (``inference-core-redis``, a redis-server beside the backend). The target under test is pinned to core 0; the backend and wrk share core 1. For JSON
 and SSE, at concurrency 1 and 64, it prints req/s, p50, p99, the p50 the hop adds over the
 backend alone, the target's CPU time per request (from /proc, so robust to noise), its peak
 RSS and the background CPU seen during the runs (noise: busy cores that were none of ours).
@@ -54,7 +56,10 @@ LITELLM = "litellm[proxy]==1.108.7"
 LITELLM_VENV = Path(os.environ.get("BENCH_LITELLM_VENV", CACHE / "litellm-venv"))
 MASTER_KEY = "sk-bench-master-key"
 T = TypeVar("T")
-TARGETS = ("direct", "nginx", "vllm-router", "litellm", "inference-core", "inference-core-fleet")
+TARGETS = (
+    "direct", "nginx", "vllm-router", "litellm",
+    "inference-core", "inference-core-fleet", "inference-core-keys", "inference-core-redis",
+)  # fmt: skip
 KINDS = ("json", "sse")
 CONCURRENCY = (1, 64)
 #: A run starts once the machine has been this idle (busy cores besides ours) for a second.
@@ -168,6 +173,8 @@ class Running:
 
     process: subprocess.Popen[bytes] | None
     url: str
+    #: What it needs beside it (a Redis server), stopped with it.
+    companions: tuple[subprocess.Popen[bytes], ...] = ()
 
 
 Starter = Callable[[Path, int, str], Running]
@@ -244,6 +251,41 @@ def start_fleet(scratch: Path, backend: int, kind: str) -> Running:
     return Running(process, f"http://127.0.0.1:{port}")
 
 
+KEYS_FILE = f"""
+model: {MODEL}
+keys:
+  bench:
+    key: {MASTER_KEY}
+    rpm: 100000000
+    tpm: 100000000000
+"""
+
+
+def start_keyed(scratch: Path, backend: int, kind: str, redis: str | None = None) -> Running:
+    """inference-core with a named key limited by rpm and tpm (so every request is counted)."""
+    port = free_port()
+    config = scratch / f"keys-{kind}.yaml"
+    config.write_text(KEYS_FILE)
+    env = {"INFERENCE_BASE_URL": f"http://127.0.0.1:{backend}/v1"} | ({"INFERENCE_REDIS_URL": redis} if redis else {})
+    command = [sys.executable, "-m", "inference_core", "--host", "127.0.0.1", "--port", str(port), "--config", config]
+    with open(scratch / f"keys-{kind}.log", "ab") as log:
+        process = spawn(command, f"http://127.0.0.1:{port}/health/ready", env=env, core=0, log=log)
+    return Running(process, f"http://127.0.0.1:{port}")
+
+
+def start_redis_keyed(scratch: Path, backend: int, kind: str) -> Running:
+    """The same, with the key's windows in a Redis server (on core 1, beside the backend)."""
+    port = free_port()
+    redis = subprocess.Popen(
+        ["taskset", "-c", "1", "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", scratch],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.5)
+    running = start_keyed(scratch, backend, kind, f"redis://127.0.0.1:{port}/0")
+    return Running(running.process, running.url, (redis,))
+
+
 STARTERS: dict[str, Starter] = {
     "direct": start_direct,
     "nginx": start_nginx,
@@ -251,6 +293,8 @@ STARTERS: dict[str, Starter] = {
     "litellm": start_litellm,
     "inference-core": start_gateway,
     "inference-core-fleet": start_fleet,
+    "inference-core-keys": start_keyed,
+    "inference-core-redis": start_redis_keyed,
 }
 
 
@@ -344,7 +388,8 @@ def profile(running: Running, script: Path, seconds: int, output: Path) -> None:
 
 
 def ensure_tools() -> None:
-    missing = [package for command, package in (("nginx", "nginx-light"), ("wrk", "wrk")) if not shutil.which(command)]
+    needed = (("nginx", "nginx-light"), ("wrk", "wrk"), ("redis-server", "redis-server"))
+    missing = [package for command, package in needed if not shutil.which(command)]
     if missing:
         subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, stdout=subprocess.DEVNULL)
 
@@ -435,6 +480,8 @@ def main() -> None:
                     finally:
                         if running.process is not None:
                             stop(running.process)
+                        for companion in running.companions:
+                            stop(companion)
         finally:
             stop(backend)
     report(results, targets)

@@ -7,6 +7,7 @@ Routes only parse and check the request, hand a ``Call`` to the engine, and shap
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,13 +21,14 @@ from starlette.types import ASGIApp
 
 from inference_core import endpoints, multipart, openapi, protocol
 from inference_core.auth import GatewayKeys, parse_keys, tenant_of
-from inference_core.config import ConfigError, Settings, load_settings
-from inference_core.config_file import FleetConfig, load_fleet
+from inference_core.config import ConfigError, RedisFailure, Settings, load_settings
+from inference_core.config_file import BackendConfig, FleetConfig, load_fleet
 from inference_core.endpoints import Endpoint
-from inference_core.engine import Admission, Backend, Call, Engine, Fleet, RetryPolicy
-from inference_core.engine.affinity import ResponseAffinity
+from inference_core.engine import Admission, Backend, Call, Engine, Fleet, RateLimiter, RetryPolicy
+from inference_core.engine.affinity import AffinityStore, ResponseAffinity
 from inference_core.engine.backend import model_entries
-from inference_core.engine.tenants import Tenant, Windows, build_keys
+from inference_core.engine.shared import Shared, SharedAffinity, SharedRateLimiter, SharedSlots, SharedWindows
+from inference_core.engine.tenants import Slots, SlotStore, Tenant, Windows, WindowStore, build_keys
 from inference_core.errors import (
     ClientDisconnected,
     GatewayError,
@@ -228,7 +230,8 @@ class Routes:
         if tenant is None or keys is None:
             raise NotFound("The gateway has no keys, so no usage per key.")
         shown = keys.tenants.values() if tenant.config.admin else (tenant,)
-        return JSONBytes(orjson.dumps({"object": "list", "data": [self.engine.windows.usage(t) for t in shown]}))
+        reports = [await self.engine.windows.usage(t) for t in shown]
+        return JSONBytes(orjson.dumps({"object": "list", "data": reports}))
 
     async def health(self, request: Request) -> ASGIApp:
         return JSONBytes(orjson.dumps(self.health_monitor.report()))
@@ -326,8 +329,17 @@ def _max_retries(request: Request) -> int | None:
     return int(header)
 
 
-def fleet_builder(settings: Settings, admission: Admission) -> Callable[[FleetConfig, Fleet | None], Fleet]:
+def fleet_builder(
+    settings: Settings, admission: Admission, shared: Shared | None
+) -> Callable[[FleetConfig, Fleet | None], Fleet]:
     """Builds the fleet of a configuration; a backend whose block is unchanged is kept as it is."""
+
+    def rate_limiter(name: str, block: BackendConfig) -> RateLimiter | None:
+        rps = block.rate_limit_rps
+        if not rps:
+            return None
+        burst = block.rate_limit_burst or math.ceil(rps)
+        return RateLimiter(rps, burst) if shared is None else SharedRateLimiter(shared, name, rps, burst)
 
     def build(config: FleetConfig, previous: Fleet | None) -> Fleet:
         flat_keys = parse_keys(settings.gateway_api_keys.get_secret_value()) if settings.gateway_api_keys else ()
@@ -341,6 +353,7 @@ def fleet_builder(settings: Settings, admission: Admission) -> Callable[[FleetCo
                     name,
                     block,
                     lane=admission.lane(name, block.max_concurrent_tasks),
+                    rate_limiter=rate_limiter(name, block),
                     idle_connections=settings.max_connections,
                     eject_after=settings.eject_after,
                     stale_after=STALE_AFTER_INTERVALS * settings.probe_interval,
@@ -366,7 +379,18 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
         queue_size=settings.queue_size,
         queue_timeout=settings.queue_timeout,
     )
-    build = fleet_builder(settings, admission)
+    shared = None
+    windows: WindowStore = Windows(settings.limit_window)
+    slots: SlotStore = Slots()
+    affinity: AffinityStore = ResponseAffinity(settings.response_affinity_size)
+    if settings.redis_url is not None:
+        fail_open = settings.redis_failure is RedisFailure.OPEN
+        shared = store = Shared(settings.redis_url.get_secret_value(), fail_open=fail_open)
+        windows = SharedWindows(store, settings.limit_window)
+        slots = SharedSlots(store)
+        affinity = SharedAffinity(store, ResponseAffinity(settings.response_affinity_size))
+        metrics.watch_redis(lambda: store.up)
+    build = fleet_builder(settings, admission, shared)
     engine = Engine(
         build(load_fleet(settings), None),
         admission=admission,
@@ -375,8 +399,9 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
             base_delay=settings.retry_base_delay,
             max_delay=settings.retry_max_delay,
         ),
-        affinity=ResponseAffinity(settings.response_affinity_size),
-        windows=Windows(settings.limit_window),
+        affinity=affinity,
+        windows=windows,
+        slots=slots,
         default_completion_tokens=settings.default_completion_tokens,
         on_retry=metrics.retried,
         on_fallback=metrics.fell_back,
@@ -397,6 +422,8 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
     async def shutdown() -> None:
         await health.stop()
         await reloader.stop()
+        if shared is not None:
+            await shared.aclose()
         for backend in engine.fleet.backends.values():
             await backend.aclose()
 

@@ -49,6 +49,11 @@ class LBPolicy(StrEnum):
     PREFIX_AFFINITY = "prefix_affinity"
 
 
+class RedisFailure(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
 class LogFormat(StrEnum):
     JSON = "json"
     TEXT = "text"
@@ -130,6 +135,13 @@ class Settings(BaseSettings):
     )
     limit_window: Annotated[float, Field(gt=0)] = Field(
         60.0, description="Seconds in one window of the keys' rpm and tpm limits (rpm: requests per window)."
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="redis://host:6379/0: keys' limits shared by every gateway on it (unset: this process's)."
+    )
+    redis_failure: RedisFailure = Field(
+        RedisFailure.OPEN,
+        description="Redis unreachable: open (each gateway applies the limits alone) or closed (answer 503).",
     )
     default_completion_tokens: Annotated[int, Field(ge=0)] = Field(
         256, description="Completion tokens reserved under a key's tpm for a request that sets no max_tokens."

@@ -142,8 +142,12 @@ class RateLimitExceeded(GatewayError):
         super().__init__(message)
         #: "requests" or "tokens", OpenAI's ``type`` for this error.
         self.kind = kind
-        self.headers["retry-after"] = str(max(1, math.ceil(retry_after)))
-        self.headers["retry-after-ms"] = str(max(1, round(retry_after * 1000)))
+        self.wait(retry_after)
+
+    def wait(self, seconds: float) -> None:
+        """Tell the client to come back in ``seconds`` (when the window ends)."""
+        self.headers["retry-after"] = str(max(1, math.ceil(seconds)))
+        self.headers["retry-after-ms"] = str(max(1, round(seconds * 1000)))
 
     def body(self) -> bytes:
         return error_body(self.message, self.kind, code=self.code)

@@ -8,9 +8,20 @@ least recently used ids are forgotten first, and a forgotten id is answered as u
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
 #: (backend name, replica name)
 Holder = tuple[str, str]
+
+
+class AffinityStore(Protocol):
+    """Where the map lives: this process (``ResponseAffinity``) or Redis, shared by every gateway."""
+
+    async def holder_of(self, response_id: str) -> Holder | None: ...
+
+    def remember(self, response_id: str, holder: Holder) -> None: ...
+
+    def forget(self, response_id: str) -> None: ...
 
 
 class ResponseAffinity:
@@ -24,7 +35,10 @@ class ResponseAffinity:
         if len(self._where) > self.size:
             self._where.popitem(last=False)
 
-    def holder_of(self, response_id: str) -> Holder | None:
+    async def holder_of(self, response_id: str) -> Holder | None:
+        return self.get(response_id)
+
+    def get(self, response_id: str) -> Holder | None:
         holder = self._where.get(response_id)
         if holder is not None:
             self._where.move_to_end(response_id)

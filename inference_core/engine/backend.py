@@ -9,7 +9,6 @@ knowing how many there are; the health monitor reaches replicas through the side
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from fnmatch import fnmatchcase
 from typing import Any
@@ -48,6 +47,7 @@ class Backend:
         config: BackendConfig,
         *,
         lane: Lane,
+        rate_limiter: RateLimiter | None,
         idle_connections: int,
         eject_after: int,
         stale_after: float,
@@ -69,8 +69,7 @@ class Backend:
         ]
         self.balancer = Balancer(replicas, config.lb_policy, eject_after=eject_after, stale_after=stale_after)
         self.replicas = self.balancer.replicas
-        rps = config.rate_limit_rps
-        self.rate_limiter = RateLimiter(rps, config.rate_limit_burst or math.ceil(rps)) if rps else None
+        self.rate_limiter = rate_limiter
         key = config.api_key.get_secret_value()
         self.auth = {"Authorization": f"Bearer {key}"} if key else {}
         #: Calls using this backend, queued or in flight (a removed backend closes at zero).

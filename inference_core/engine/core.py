@@ -21,11 +21,11 @@ from inference_core import multipart, sse
 from inference_core.endpoints import Endpoint
 from inference_core.engine import retry
 from inference_core.engine.admission import Admission
-from inference_core.engine.affinity import ResponseAffinity
+from inference_core.engine.affinity import AffinityStore
 from inference_core.engine.backend import Backend, model_entries, model_entry, upstream_error
 from inference_core.engine.fleet import Destination, Fleet
 from inference_core.engine.replicas import Replica
-from inference_core.engine.tenants import Quota, Tenant, Windows, estimate
+from inference_core.engine.tenants import Quota, Slot, SlotStore, Tenant, WindowStore, estimate
 from inference_core.errors import (
     BadUpstreamResponse,
     GatewayError,
@@ -161,7 +161,8 @@ class Ticket:
     #: Tokens reserved under the key's tpm (0: it has none), and the prompt's share of them.
     reserved: int
     prompt: int
-    slot: bool
+    #: The key's concurrency slot it holds (None: the key has no max_concurrent).
+    slot: Slot | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,8 +195,9 @@ class Engine:
         *,
         admission: Admission,
         retry_policy: retry.RetryPolicy,
-        affinity: ResponseAffinity,
-        windows: Windows,
+        affinity: AffinityStore,
+        windows: WindowStore,
+        slots: SlotStore,
         default_completion_tokens: int = 256,
         on_retry: Callable[[retry.RetryEvent], None] | None = None,
         on_fallback: Callable[[retry.FallbackEvent], None] | None = None,
@@ -207,6 +209,7 @@ class Engine:
         self.retry_policy = retry_policy
         self.affinity = affinity
         self.windows = windows
+        self.slots = slots
         self.default_completion_tokens = default_completion_tokens
         self.on_retry = on_retry
         self.on_fallback = on_fallback
@@ -272,29 +275,33 @@ class Engine:
         config = tenant.config
         prompt, completion = estimate(call.raw, call.payload, self.default_completion_tokens)
         reserved = prompt + completion if config.tpm else 0
-        quota, window = self.windows.take(tenant, reserved) if config.rpm or config.tpm else (None, 0)
-        if tenant.slots is not None:
+        quota, window = await self.windows.take(tenant, reserved) if config.rpm or config.tpm else (None, 0)
+        slot = None
+        if config.max_concurrent:
             started = time.monotonic()
             try:
-                async with asyncio.timeout(self.admission.queue_timeout):
-                    await tenant.slots.acquire()
+                slot = await self.slots.acquire(tenant, within=self.admission.queue_timeout)
             except BaseException:
+                if reserved:
+                    self.windows.settle(tenant, window, -reserved)
+                raise
+            finally:
+                call.outcome.queued += time.monotonic() - started
+            if slot is None:
                 if reserved:
                     self.windows.settle(tenant, window, -reserved)
                 raise QueueTimeout(
                     f"The request waited over {self.admission.queue_timeout:g}s for one of its key's "
                     f"{config.max_concurrent} slots."
-                ) from None
-            finally:
-                call.outcome.queued += time.monotonic() - started
+                )
         tenant.active += 1
-        return Ticket(tenant, quota, window, reserved, prompt, tenant.slots is not None)
+        return Ticket(tenant, quota, window, reserved, prompt, slot)
 
     def _leave(self, ticket: Ticket, outcome: Outcome) -> None:
         tenant = ticket.tenant
         tenant.active -= 1
-        if ticket.slot and tenant.slots is not None:
-            tenant.slots.release()
+        if ticket.slot is not None:
+            self.slots.release(tenant, ticket.slot)
         if ticket.reserved:
             if outcome.prompt_tokens is not None:
                 used = outcome.prompt_tokens + (outcome.completion_tokens or 0)
@@ -313,7 +320,7 @@ class Engine:
 
         A stream moves on only before its first byte: ``stream`` returns once the headers came.
         """
-        plan = self._plan(call, self.fleet)
+        plan = await self._plan(call, self.fleet)
         outcome = call.outcome
         last = len(plan.destinations) - 1
         for position, (index, destination) in enumerate(plan.destinations):
@@ -331,11 +338,11 @@ class Engine:
                     self.on_fallback(retry.FallbackEvent(call.request_id, destination.backend.name, following, reason))
         raise AssertionError("a plan has at least one destination")
 
-    def _plan(self, call: Call, fleet: Fleet) -> Plan:
+    async def _plan(self, call: Call, fleet: Fleet) -> Plan:
         endpoint = call.endpoint
         model = call.payload.get("model") or fleet.default_model
         if call.response_id is not None:
-            return self._pinned(call.response_id, str(model), fleet)
+            return await self._pinned(call.response_id, str(model), fleet)
         destinations = fleet.route(str(model))
         usable = [(i, d) for i, d in enumerate(destinations) if d.backend.can_serve(endpoint)]
         if not usable:
@@ -344,9 +351,9 @@ class Engine:
             )
         return Plan(usable)
 
-    def _pinned(self, response_id: str, model: str, fleet: Fleet) -> Plan:
+    async def _pinned(self, response_id: str, model: str, fleet: Fleet) -> Plan:
         """The backend and replica holding a stored response, for a call about it."""
-        holder = self.affinity.holder_of(response_id)
+        holder = await self.affinity.holder_of(response_id)
         backend = fleet.backends.get(holder[0]) if holder is not None else None
         replica = next((r for r in backend.replicas if holder and r.name == holder[1]), None) if backend else None
         if backend is None or replica is None:

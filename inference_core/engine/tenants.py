@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Protocol
 
 from inference_core.config_file import KeyConfig
 from inference_core.errors import ModelNotAllowed, RateLimitExceeded
@@ -55,6 +56,7 @@ class Tenant:
         self.digest = digest
         self.config = config or KeyConfig(key_sha256=digest.hex())
         limit = self.config.max_concurrent
+        #: Its concurrency slots in this process (used alone, or while Redis is away).
         self.slots = asyncio.Semaphore(limit) if limit else None
         #: Its calls admitted and not yet ended (waiting for a slot, queued, or in flight).
         self.active = 0
@@ -146,6 +148,50 @@ def _duration(seconds: float) -> str:
     return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
 
 
+class WindowStore(Protocol):
+    """Where the keys' rpm and tpm windows are counted: this process (``Windows``) or Redis."""
+
+    length: float
+
+    async def take(self, tenant: Tenant, tokens: int) -> tuple[Quota, int]: ...
+
+    def settle(self, tenant: Tenant, index: int, correction: int) -> None: ...
+
+    async def usage(self, tenant: Tenant) -> dict[str, object]: ...
+
+
+#: A held concurrency slot: what giving it back needs (this process's, or a lease's id in Redis).
+Slot = object
+LOCAL_SLOT: Slot = object()
+
+
+class SlotStore(Protocol):
+    """Where the keys' max_concurrent slots are held: this process (``Slots``) or Redis."""
+
+    async def acquire(self, tenant: Tenant, *, within: float) -> Slot | None:
+        """A slot of the key's, waiting at most ``within`` seconds (None: none came)."""
+        ...
+
+    def release(self, tenant: Tenant, slot: Slot) -> None: ...
+
+
+class Slots:
+    """The keys' concurrency slots in this process: a semaphore each, first come first served."""
+
+    async def acquire(self, tenant: Tenant, *, within: float) -> Slot | None:
+        assert tenant.slots is not None
+        try:
+            async with asyncio.timeout(within):
+                await tenant.slots.acquire()
+        except TimeoutError:
+            return None
+        return LOCAL_SLOT
+
+    def release(self, tenant: Tenant, slot: Slot) -> None:
+        assert tenant.slots is not None
+        tenant.slots.release()
+
+
 class Windows:
     """The keys' rpm and tpm windows, in this process."""
 
@@ -160,34 +206,18 @@ class Windows:
             tenant.current = Window(index)
         return tenant.current
 
-    def take(self, tenant: Tenant, tokens: int) -> tuple[Quota, int]:
+    async def take(self, tenant: Tenant, tokens: int) -> tuple[Quota, int]:
         """Count a request and reserve ``tokens``; returns the quota left and the window's index.
 
         Raises ``RateLimitExceeded`` (counting nothing) when either limit would be passed.
         """
         now = self._clock()
         window = self._roll(tenant, now)
-        reset = (window.index + 1) * self.length - now
-        config = tenant.config
-        refusal = None
-        if config.rpm and window.requests + 1 > config.rpm:
-            refusal = RateLimitExceeded(
-                f"Rate limit reached for requests: {config.rpm} per {self.length:g}s.",
-                kind="requests",
-                retry_after=reset,
-            )
-        elif config.tpm and window.tokens + tokens > config.tpm:
-            refusal = RateLimitExceeded(
-                f"Rate limit reached for tokens: {config.tpm} per {self.length:g}s; this request needs {tokens}.",
-                kind="tokens",
-                retry_after=reset,
-            )
-        if refusal is not None:
-            refusal.headers.update(Quota(config, window.requests, window.tokens, reset).headers())
-            raise refusal
-        window.requests += 1
-        window.tokens += tokens
-        return Quota(config, window.requests, window.tokens, reset), window.index
+        verdict = judge(tenant.config, window.requests, window.tokens, tokens, self.length)
+        if verdict is None:
+            window.requests += 1
+            window.tokens += tokens
+        return quota_or_refusal(tenant.config, verdict, window.requests, window.tokens, now, self.length), window.index
 
     def settle(self, tenant: Tenant, index: int, correction: int) -> None:
         """Correct a reservation made in window ``index`` by what the request really used."""
@@ -196,30 +226,62 @@ class Windows:
             if window.index == index:
                 window.tokens = max(0, window.tokens + correction)
 
-    def usage(self, tenant: Tenant) -> dict[str, object]:
+    async def usage(self, tenant: Tenant) -> dict[str, object]:
         """The key's limits and its counts in the current and the last window."""
-        now = self._clock()
-        self._roll(tenant, now)
-        config = tenant.config
+        self._roll(tenant, self._clock())
+        return usage_report(tenant, tenant.current, tenant.previous, self.length)
 
-        def window(counts: Window) -> dict[str, object]:
-            return {"start": counts.index * self.length, "requests": counts.requests, "tokens": counts.tokens}
 
-        return {
-            "key": tenant.name,
-            "limits": {
-                "rpm": config.rpm,
-                "tpm": config.tpm,
-                "max_concurrent": config.max_concurrent,
-                "priority": config.priority,
-                "weight": config.weight,
-                "models": list(config.models) if config.models is not None else None,
-            },
-            "window_seconds": self.length,
-            "current": window(tenant.current),
-            "previous": window(tenant.previous),
-            "active": tenant.active,
-        }
+def judge(config: KeyConfig, requests: int, tokens: int, asked: int, length: float) -> RateLimitExceeded | None:
+    """The refusal of one more request reserving ``asked`` tokens in a window holding these counts."""
+    if config.rpm and requests + 1 > config.rpm:
+        return RateLimitExceeded(
+            f"Rate limit reached for requests: {config.rpm} per {length:g}s.", kind="requests", retry_after=0
+        )
+    if config.tpm and tokens + asked > config.tpm:
+        return RateLimitExceeded(
+            f"Rate limit reached for tokens: {config.tpm} per {length:g}s; this request needs {asked}.",
+            kind="tokens",
+            retry_after=0,
+        )
+    return None
+
+
+def quota_or_refusal(
+    config: KeyConfig, refusal: RateLimitExceeded | None, requests: int, tokens: int, now: float, length: float
+) -> Quota:
+    """The quota left after a decision, or the refusal raised with its headers and wait."""
+    reset = (math.floor(now / length) + 1) * length - now
+    quota = Quota(config, requests, tokens, reset)
+    if refusal is None:
+        return quota
+    refusal.wait(reset)
+    refusal.headers.update(quota.headers())
+    raise refusal
+
+
+def usage_report(tenant: Tenant, current: Window, previous: Window, length: float) -> dict[str, object]:
+    """What ``GET /v1/usage`` shows of one key."""
+    config = tenant.config
+
+    def window(counts: Window) -> dict[str, object]:
+        return {"start": counts.index * length, "requests": counts.requests, "tokens": counts.tokens}
+
+    return {
+        "key": tenant.name,
+        "limits": {
+            "rpm": config.rpm,
+            "tpm": config.tpm,
+            "max_concurrent": config.max_concurrent,
+            "priority": config.priority,
+            "weight": config.weight,
+            "models": list(config.models) if config.models is not None else None,
+        },
+        "window_seconds": length,
+        "current": window(current),
+        "previous": window(previous),
+        "active": tenant.active,
+    }
 
 
 def estimate(body: bytes | None, payload: Mapping[str, object], default_completion: int) -> tuple[int, int]:

@@ -98,6 +98,10 @@ class Metrics:
         self.in_flight.set_function(lambda: admission.in_flight)
         self.concurrency_limit.set_function(lambda: admission.max_in_flight)
 
+    def watch_redis(self, up: Callable[[], bool]) -> None:
+        gauge = Gauge("inference_core_redis_up", "1 while the shared limits store answers.", registry=self.registry)
+        gauge.set_function(lambda: 1.0 if up() else 0.0)
+
     def of(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, remembered: label sets are few and a request touches several."""
         key = (metric, *labels)
