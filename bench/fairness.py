@@ -27,7 +27,9 @@ def at(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(url: str, *, backlog: int, probes: int, service: float, probe_key: str) -> tuple[list[float], list[float]]:
+async def run(
+    url: str, *, backlog: int, probes: int, service: float, probe_key: str
+) -> tuple[list[float], list[float]]:
     body = orjson.dumps(
         {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
          "sim_fault": f"delay={service}"}
@@ -67,7 +69,8 @@ def main() -> None:
             f"backends:\n  local:\n    base_url: http://127.0.0.1:{backend_port}/v1\n"
             "keys:\n  a:\n    key: sk-a\n  b:\n    key: sk-b\n"
         )
-        gateway = start(["--config", str(config), "--port", str(port)], {}, f"http://127.0.0.1:{port}/health/ready", core=0)
+        ready = f"http://127.0.0.1:{port}/health/ready"
+        gateway = start(["--config", str(config), "--port", str(port)], {}, ready, core=0)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         print(f"A: {args.backlog} requests at once; B: {args.probes}, one per 100 ms; {args.slots} slots busy "
               f"{args.service:g} s each")  # fmt: skip

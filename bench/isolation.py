@@ -100,9 +100,8 @@ def main() -> None:
         f"http://127.0.0.1:{remote_port}/health",
         core=1,
     )
-    print(
-        f"local requests at c={args.concurrency} for {args.seconds:g} s; flood: {args.flood} requests of {args.slow:g} s"
-    )
+    print(f"local requests at c={args.concurrency} for {args.seconds:g} s; "
+          f"flood: {args.flood} requests of {args.slow:g} s")  # fmt: skip
     print("| layout | flood | local requests | queue wait p50 / p99 (ms) | latency p50 / p99 (ms) |")
     print("|---|---|---|---|---|")
     try:
