@@ -10,9 +10,9 @@ rpm and tpm count every request (``inference-core-keys``), and the same with the
 in Redis (``inference-core-redis``, a redis-server beside the backend). The target under test
 is pinned to core 0; the backend and wrk share core 1. For JSON and SSE, at concurrency 1 and 64,
 it prints req/s, p50, p99, the p50 the hop adds over the backend alone, the target's CPU time
-per request (from /proc, so robust to noise), its peak RSS and the background CPU seen during the runs (noise: busy cores that were none of ours).
-Each figure is the median of ``--runs`` runs of ``--seconds``; each run waits for a quiet
-machine first.
+per request (from /proc, so robust to noise), its peak RSS and the background CPU seen during
+the runs (noise: busy cores that were none of ours). Each figure is the median of ``--runs``
+runs of ``--seconds``; each run waits for a quiet machine first.
 
     python bench/compare.py [--seconds 10] [--runs 3] [--targets direct,nginx,...]
     python bench/compare.py --targets direct,inference-core --flamegraph bench/flamegraph-c64.svg
