@@ -24,7 +24,7 @@ from inference_core.auth import GatewayKeys, parse_keys, tenant_of
 from inference_core.config import ConfigError, RedisFailure, Settings, load_settings
 from inference_core.config_file import BackendConfig, FleetConfig, load_fleet
 from inference_core.endpoints import Endpoint
-from inference_core.engine import Admission, Backend, Call, Engine, Fleet, RateLimiter, RetryPolicy
+from inference_core.engine import Admission, Backend, Call, Engine, Fleet, KeyGate, RateLimiter, RetryPolicy
 from inference_core.engine.affinity import AffinityStore, ResponseAffinity
 from inference_core.engine.backend import model_entries
 from inference_core.engine.shared import Shared, SharedAffinity, SharedRateLimiter, SharedSlots, SharedWindows
@@ -230,7 +230,7 @@ class Routes:
         if tenant is None or keys is None:
             raise NotFound("The gateway has no keys, so no usage per key.")
         shown = keys.tenants.values() if tenant.config.admin else (tenant,)
-        reports = [await self.engine.windows.usage(t) for t in shown]
+        reports = [await self.engine.gate.windows.usage(t) for t in shown]
         return JSONBytes(orjson.dumps({"object": "list", "data": reports}))
 
     async def health(self, request: Request) -> ASGIApp:
@@ -400,9 +400,12 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
             max_delay=settings.retry_max_delay,
         ),
         affinity=affinity,
-        windows=windows,
-        slots=slots,
-        default_completion_tokens=settings.default_completion_tokens,
+        gate=KeyGate(
+            windows,
+            slots,
+            queue_timeout=settings.queue_timeout,
+            default_completion_tokens=settings.default_completion_tokens,
+        ),
         on_retry=metrics.retried,
         on_fallback=metrics.fell_back,
         tracer=tracer,

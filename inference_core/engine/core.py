@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import orjson
@@ -23,9 +23,10 @@ from inference_core.engine import retry
 from inference_core.engine.admission import Admission
 from inference_core.engine.affinity import AffinityStore
 from inference_core.engine.backend import Backend, model_entries, model_entry, upstream_error
+from inference_core.engine.call import Call, Reply, Stream
 from inference_core.engine.fleet import Destination, Fleet
+from inference_core.engine.gate import KeyGate
 from inference_core.engine.replicas import Replica
-from inference_core.engine.tenants import Quota, Slot, SlotStore, Tenant, WindowStore, estimate
 from inference_core.errors import (
     BadUpstreamResponse,
     GatewayError,
@@ -40,10 +41,6 @@ from inference_core.tracing import NO_TRACER, AttributeValue, Span, Tracer
 from inference_core.upstream import UpstreamResponse
 
 DROPPED_PARAMS_HEADER = "x-inference-dropped-params"
-QUEUE_MS_HEADER = "x-inference-queue-ms"
-RETRIES_HEADER = "x-inference-retries"
-BACKEND_HEADER = "x-inference-backend"
-FALLBACKS_HEADER = "x-inference-fallbacks"
 
 log = logging.getLogger("inference_core")
 T = TypeVar("T")
@@ -55,114 +52,12 @@ _REQUEST_ATTRIBUTES = (
 )
 
 
-@dataclass(slots=True)
-class Outcome:
-    """What happened to one call, filled in by the engine, read by headers, logs, metrics and spans."""
-
-    queued: float = 0.0
-    #: Of ``queued``, the seconds spent waiting for the rate limit.
-    rate_limited: float = 0.0
-    retries: int = 0
-    #: Seconds slept between attempts.
-    backoff: float = 0.0
-    #: Seconds spent waiting on the backend, over all attempts (to headers, or whole body).
-    upstream: float = 0.0
-    #: One (backend, kind) per failed attempt; kind is connect, timeout, bad_response or the HTTP status.
-    upstream_errors: list[tuple[str, str]] = field(default_factory=list)
-    #: The backend that answered (or failed last).
-    backend: str | None = None
-    #: Targets of the model passed over before ``backend``.
-    fallbacks: int = 0
-    model: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    #: Stream events relayed (counted only where a key's token limit needs them).
-    events: int = 0
-
-    def headers(self) -> dict[str, str]:
-        headers = {QUEUE_MS_HEADER: f"{self.queued * 1000:.1f}", RETRIES_HEADER: str(self.retries)}
-        if self.backend is not None:
-            headers[BACKEND_HEADER] = self.backend
-            headers[FALLBACKS_HEADER] = str(self.fallbacks)
-        return headers
-
-    def count_usage(self, usage: object) -> None:
-        """Chat and completions say prompt/completion tokens; the Responses API says input/output."""
-        if isinstance(usage, dict):
-            self.prompt_tokens = _int_or_none(usage.get("prompt_tokens", usage.get("input_tokens")))
-            self.completion_tokens = _int_or_none(usage.get("completion_tokens", usage.get("output_tokens")))
-
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One operation to perform; ``raw`` is the client's body, forwarded when unchanged."""
-
-    endpoint: Endpoint
-    payload: Payload
-    request_id: str
-    raw: bytes | None = None
-    priority: int = 0
-    #: Fewer retries than configured, if the client asked for fewer (``x-inference-max-retries``).
-    max_retries: int | None = None
-    #: A stored response this call builds on or acts on: it must reach the replica holding it.
-    response_id: str | None = None
-    #: The body's type: JSON, or the client's multipart form with its boundary.
-    content_type: str = "application/json"
-    #: The key it came with, when the gateway has keys.
-    tenant: Tenant | None = None
-    outcome: Outcome = field(default_factory=Outcome)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A complete answer: the backend's body bytes, relayed untouched."""
-
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-    status: int = 200
-
-
-@dataclass(slots=True)
-class Stream:
-    """An answer still arriving: whole SSE frames; ``aclose`` stops the backend and frees the slot."""
-
-    frames: AsyncIterator[bytes]
-    headers: dict[str, str]
-    upstream: UpstreamResponse
-    release: Callable[[], None]
-    closed: bool = False
-
-    async def aclose(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.release()
-            await self.upstream.aclose()
-
-
 @dataclass(frozen=True, slots=True)
 class Sent:
     """An upstream answer whose headers arrived, and the replica that gave it."""
 
     response: UpstreamResponse
     replica: Replica
-
-
-@dataclass(frozen=True, slots=True)
-class Ticket:
-    """A call admitted under its key's limits: what it reserved and holds, given back when it ends."""
-
-    tenant: Tenant
-    quota: Quota | None
-    window: int
-    #: Tokens reserved under the key's tpm (0: it has none), and the prompt's share of them.
-    reserved: int
-    prompt: int
-    #: The key's concurrency slot it holds (None: the key has no max_concurrent).
-    slot: Slot | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +91,7 @@ class Engine:
         admission: Admission,
         retry_policy: retry.RetryPolicy,
         affinity: AffinityStore,
-        windows: WindowStore,
-        slots: SlotStore,
-        default_completion_tokens: int = 256,
+        gate: KeyGate,
         on_retry: Callable[[retry.RetryEvent], None] | None = None,
         on_fallback: Callable[[retry.FallbackEvent], None] | None = None,
         tracer: Tracer = NO_TRACER,
@@ -208,9 +101,7 @@ class Engine:
         self.admission = admission
         self.retry_policy = retry_policy
         self.affinity = affinity
-        self.windows = windows
-        self.slots = slots
-        self.default_completion_tokens = default_completion_tokens
+        self.gate = gate
         self.on_retry = on_retry
         self.on_fallback = on_fallback
         self.tracer = tracer
@@ -218,102 +109,51 @@ class Engine:
     # One call, start to end.
 
     async def complete(self, call: Call) -> Reply:
-        ticket = await self._enter(call)
+        ticket = await self.gate.enter(call, self._model(call))
         try:
             body, headers = await self._across(call, self._complete_at)
         except GatewayError as error:
-            if ticket is not None and ticket.quota is not None:
-                error.headers.update(ticket.quota.headers())
+            if ticket is not None:
+                error.headers.update(ticket.headers())
             raise
         finally:
             if ticket is not None:
-                self._leave(ticket, call.outcome)
+                self.gate.leave(ticket, call.outcome)
         if call.endpoint.method == "DELETE" and call.response_id is not None:
             self.affinity.forget(call.response_id)
         headers |= call.outcome.headers()
-        if ticket is not None and ticket.quota is not None:
-            headers |= ticket.quota.headers()
+        if ticket is not None:
+            headers |= ticket.headers()
         return Reply(body, headers)
 
     async def stream(self, call: Call) -> Stream:
         """Start a stream; its slot is held until ``Stream.aclose``."""
-        ticket = await self._enter(call)
+        ticket = await self.gate.enter(call, self._model(call))
         try:
             stream = await self._across(call, self._stream_at)
         except BaseException as error:
             if ticket is not None:
-                self._leave(ticket, call.outcome)
-                if isinstance(error, GatewayError) and ticket.quota is not None:
-                    error.headers.update(ticket.quota.headers())
+                self.gate.leave(ticket, call.outcome)
+                if isinstance(error, GatewayError):
+                    error.headers.update(ticket.headers())
             raise
         stream.headers.update(call.outcome.headers())
         if ticket is not None:
-            if ticket.quota is not None:
-                stream.headers.update(ticket.quota.headers())
+            stream.headers.update(ticket.headers())
             if ticket.reserved:
-                stream.frames = self._counted(stream.frames, call.outcome)
+                stream.frames = self.gate.counted(stream.frames, call.outcome)
             release = stream.release
 
             def release_all() -> None:
                 release()
-                self._leave(ticket, call.outcome)
+                self.gate.leave(ticket, call.outcome)
 
             stream.release = release_all
         return stream
 
-    # Keys: limits taken before a call starts, given back when it ends.
-
-    async def _enter(self, call: Call) -> Ticket | None:
-        """Check the call's key and take what its limits allow, or raise 403, 429 or a queue timeout."""
-        tenant = call.tenant
-        if tenant is None:
-            return None
-        if call.endpoint.body:
-            tenant.check_model(str(call.payload.get("model") or self.fleet.default_model))
-        if not tenant.limited:
-            return None
-        config = tenant.config
-        prompt, completion = estimate(call.raw, call.payload, self.default_completion_tokens)
-        reserved = prompt + completion if config.tpm else 0
-        quota, window = await self.windows.take(tenant, reserved) if config.rpm or config.tpm else (None, 0)
-        slot = None
-        if config.max_concurrent:
-            started = time.monotonic()
-            try:
-                slot = await self.slots.acquire(tenant, within=self.admission.queue_timeout)
-            except BaseException:
-                if reserved:
-                    self.windows.settle(tenant, window, -reserved)
-                raise
-            finally:
-                call.outcome.queued += time.monotonic() - started
-            if slot is None:
-                if reserved:
-                    self.windows.settle(tenant, window, -reserved)
-                raise QueueTimeout(
-                    f"The request waited over {self.admission.queue_timeout:g}s for one of its key's "
-                    f"{config.max_concurrent} slots."
-                )
-        tenant.active += 1
-        return Ticket(tenant, quota, window, reserved, prompt, slot)
-
-    def _leave(self, ticket: Ticket, outcome: Outcome) -> None:
-        tenant = ticket.tenant
-        tenant.active -= 1
-        if ticket.slot is not None:
-            self.slots.release(tenant, ticket.slot)
-        if ticket.reserved:
-            if outcome.prompt_tokens is not None:
-                used = outcome.prompt_tokens + (outcome.completion_tokens or 0)
-            else:  # a stream without usage: the prompt as estimated, and one token per event
-                used = ticket.prompt + outcome.events
-            self.windows.settle(tenant, ticket.window, used - ticket.reserved)
-
-    @staticmethod
-    async def _counted(frames: AsyncIterator[bytes], outcome: Outcome) -> AsyncIterator[bytes]:
-        async for frame in frames:
-            outcome.events += 1
-            yield frame
+    def _model(self, call: Call) -> str:
+        """The model a call asks for: the body's, else the default (which may be an alias)."""
+        return str(call.payload.get("model") or self.fleet.default_model)
 
     async def _across(self, call: Call, send: Callable[[Call, Destination, Replica | None], Awaitable[T]]) -> T:
         """``send`` to the call's first destination, then to the next while a target cannot answer.
@@ -340,10 +180,10 @@ class Engine:
 
     async def _plan(self, call: Call, fleet: Fleet) -> Plan:
         endpoint = call.endpoint
-        model = call.payload.get("model") or fleet.default_model
+        model = self._model(call)
         if call.response_id is not None:
-            return await self._pinned(call.response_id, str(model), fleet)
-        destinations = fleet.route(str(model))
+            return await self._pinned(call.response_id, model, fleet)
+        destinations = fleet.route(model)
         usable = [(i, d) for i, d in enumerate(destinations) if d.backend.can_serve(endpoint)]
         if not usable:
             raise InvalidRequest(

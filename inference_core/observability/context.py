@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inference_core.engine.core import Outcome
+from inference_core.engine.call import Outcome
 from inference_core.errors import GatewayError, error_body
 from inference_core.observability.logs import log_access
 from inference_core.observability.metrics import Metrics
