@@ -39,7 +39,9 @@ class HealthMonitor:
 
     async def probe_once(self) -> None:
         """Probe every replica of every backend at once."""
-        await asyncio.gather(*(self.probe_backend(backend) for backend in self.engine.fleet.backends.values()))
+        fleet = self.engine.fleet
+        await asyncio.gather(*(self.probe_backend(backend) for backend in fleet.backends.values()))
+        self.metrics.learn_models(fleet.aliases)  # an alias is a model name clients use: a label too
         self.last_at = time.monotonic()
 
     async def probe_backend(self, backend: Backend) -> None:

@@ -6,8 +6,6 @@ with apt-get); where it cannot be, the test is skipped and says why.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.packages import debian_tool
 from tests.servers import Server
 
 #: Flags that keep a headless Chromium from calling out (see the machine notes) and from sandboxing as root.
@@ -24,22 +23,9 @@ QUIET = [
 ]  # fmt: skip
 
 
-def _install_chromium() -> str | None:
-    """The browser's path, installing Debian's package if it is missing and we may."""
-    found = shutil.which("chromium")
-    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return found
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "timeout": 600}
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, **quiet).returncode:  # type: ignore[call-overload]
-        subprocess.run(["apt-get", "update", "-qq"], env=env, **quiet)  # type: ignore[call-overload]
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, **quiet)  # type: ignore[call-overload]
-    return shutil.which("chromium")
-
-
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[str]:
-    path = _install_chromium()
+    path = debian_tool("chromium", "chromium")
     if path is None:
         pytest.skip("Debian's chromium is not installed and cannot be installed here (needs root and apt-get)")
     yield path

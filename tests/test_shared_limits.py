@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import FAST_RETRIES, MODEL
+from tests.packages import debian_tool
 from tests.servers import Server, free_port, start_fleet, start_simulator
 
 KEY = "sk-shared-7d1e0c"
@@ -21,10 +21,7 @@ KEY = "sk-shared-7d1e0c"
 
 def redis_binary() -> str:
     """Debian's redis-server, installed when missing (the tests need a real one)."""
-    found = shutil.which("redis-server")
-    if found is None:
-        subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], capture_output=True, timeout=600)
-        found = shutil.which("redis-server")
+    found = debian_tool("redis-server", "redis-server")
     if found is None:
         pytest.skip("redis-server is not installed and could not be (apt-get install redis-server)")
     return found
