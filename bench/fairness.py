@@ -19,12 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from processes import MODEL, free_port, start, stop
-
-
-def at(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+from processes import MODEL, free_port, percentile, start, stop
 
 
 async def run(
@@ -81,7 +76,7 @@ def main() -> None:
                 small, big = asyncio.run(
                     run(url, backlog=args.backlog, probes=args.probes, service=args.service, probe_key=key)
                 )
-                figures = [" / ".join(f"{at(w, q):.0f}" for q in (0.5, 0.95, 1.0)) for w in (small, big)]
+                figures = [" / ".join(f"{percentile(w, q):.0f}" for q in (0.5, 0.95, 1.0)) for w in (small, big)]
                 print(f"| {label} | {figures[0]} | {figures[1]} |", flush=True)
         finally:
             stop(gateway)

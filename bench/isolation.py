@@ -25,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from processes import MODEL, free_port, start, stop
+from processes import MODEL, free_port, percentile, start, stop
 
 LAYOUTS = {"isolated": "\n    max_concurrent_tasks: 32", "shared": ""}
 
@@ -37,11 +37,6 @@ def config(local: int, remote: int, layout: str) -> str:
         f"  openai:\n    provider: openai\n    base_url: http://127.0.0.1:{remote}/v1\n    models: [gpt-4o]"
         f"{LAYOUTS[layout]}\n"
     )
-
-
-def at(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def measure(
@@ -121,11 +116,10 @@ def main() -> None:
                                 url, seconds=args.seconds, concurrency=args.concurrency, flood=flood, slowness=args.slow
                             )
                         )
-                        print(
-                            f"| {layout} | {flood} | {len(waits)} | {at(waits, 0.5):.1f} / {at(waits, 0.99):.1f} | "
-                            f"{at(latencies, 0.5):.1f} / {at(latencies, 0.99):.1f} |",
-                            flush=True,
+                        wait, latency = (
+                            f"{percentile(v, 0.5):.1f} / {percentile(v, 0.99):.1f}" for v in (waits, latencies)
                         )
+                        print(f"| {layout} | {flood} | {len(waits)} | {wait} | {latency} |", flush=True)
                 finally:
                     stop(gateway)
     finally:

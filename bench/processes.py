@@ -17,6 +17,12 @@ CACHE = Path.home() / ".cache/inference-core"
 ROUTER_VENV = Path(os.environ.get("BENCH_ROUTER_VENV", CACHE / "router-venv"))
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The value below which a fraction ``q`` of ``values`` lies (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.openai_schemas import OpenAISchemas
-from tests.servers import Server, start_gateway, start_simulator
+from tests.servers import Server, start_fleet, start_gateway, start_simulator
 
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 LORA = "sql-lora"
@@ -67,6 +67,26 @@ def spawn(log_dir: Path) -> Iterator[Callable[..., Server]]:
             server = start_simulator(log_dir, *args)
         else:
             server = start_gateway(log_dir, *args, **(FAST_RETRIES | settings))
+        started.append(server)
+        return server
+
+    yield run
+    for server in started:
+        server.stop()
+
+
+Configured = Callable[..., Server]
+
+
+@pytest.fixture
+def configured(log_dir: Path, tmp_path: Path) -> Iterator[Configured]:
+    """Start gateways from a configuration file's text (``env``: variables it reads); stopped after the test."""
+    started: list[Server] = []
+
+    def run(text: str, env: dict[str, str] | None = None, **settings: str) -> Server:
+        path = tmp_path / f"gateway-{len(started)}.yaml"
+        path.write_text(text)
+        server = start_fleet(log_dir, path, env=env, **(FAST_RETRIES | settings))
         started.append(server)
         return server
 

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import FAST_RETRIES, LORA, MODEL, chat_body, sim_stats
+from tests.conftest import FAST_RETRIES, LORA, MODEL, Configured, chat_body, sim_stats
 from tests.servers import Server, start_fleet, start_simulator
 
 CODER = "coder-7b"
@@ -69,20 +69,9 @@ Fleet = Callable[..., Server]
 
 
 @pytest.fixture
-def fleet(log_dir: Path, tmp_path: Path) -> Iterator[Fleet]:
-    """Start a gateway from a file's text; stopped after the test."""
-    started: list[Server] = []
-
-    def run(text: str, **settings: str) -> Server:
-        path = tmp_path / f"gateway-{len(started)}.yaml"
-        path.write_text(text)
-        server = start_fleet(log_dir, path, env={"FLEET_OPENAI_KEY": OPENAI_KEY}, **(FAST_RETRIES | settings))
-        started.append(server)
-        return server
-
-    yield run
-    for server in started:
-        server.stop()
+def fleet(configured: Configured) -> Fleet:
+    """Start a gateway from a file's text, with the OpenAI backend's key in the environment."""
+    return lambda text, **settings: configured(text, {"FLEET_OPENAI_KEY": OPENAI_KEY}, **settings)
 
 
 @pytest.fixture(scope="module")

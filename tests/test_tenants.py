@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import FAST_RETRIES, MODEL, sim_stats
-from tests.servers import Server, start_fleet, start_simulator
+from tests.conftest import MODEL, Configured, sim_stats
+from tests.servers import Server, start_simulator
 
 TEAM_A = "sk-team-a-3c9d51"
 TEAM_B = "sk-team-b-77e2a0"
@@ -67,19 +67,9 @@ Start = Callable[..., Server]
 
 
 @pytest.fixture
-def start(log_dir: Path, tmp_path: Path) -> Iterator[Start]:
-    started: list[Server] = []
-
-    def run(text: str, **settings: str) -> Server:
-        path = tmp_path / f"keys-{len(started)}.yaml"
-        path.write_text(text)
-        server = start_fleet(log_dir, path, env={"TEAM_A_KEY": TEAM_A}, **(FAST_RETRIES | settings))
-        started.append(server)
-        return server
-
-    yield run
-    for server in started:
-        server.stop()
+def start(configured: Configured) -> Start:
+    """Start a gateway from a file's text, with team A's key in the environment."""
+    return lambda text, **settings: configured(text, {"TEAM_A_KEY": TEAM_A}, **settings)
 
 
 def chat(server: Server, key: str | None, *, header: str = "authorization", **body: Any) -> httpx.Response:
@@ -243,7 +233,7 @@ def test_sighup_reloads_keys(start: Start, simulator: Server, tmp_path: Path) ->
     try:
         time.sleep(0.5)
         text = keys_yaml(simulator, extra="  newcomer:\n    key: sk-new-key-000\n")
-        (tmp_path / "keys-0.yaml").write_text(text.replace(f"key: {OTHERS}", "key: sk-replaced-0000"))
+        (tmp_path / "gateway-0.yaml").write_text(text.replace(f"key: {OTHERS}", "key: sk-replaced-0000"))
         os.kill(gateway.process.pid, signal.SIGHUP)
         deadline = time.monotonic() + 10
         while chat(gateway, "sk-new-key-000").status_code != 200:
