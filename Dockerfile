@@ -19,18 +19,24 @@ RUN python3 -m venv /opt/inference-core \
  && /opt/inference-core/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_OPTIONS /src \
  && /opt/inference-core/bin/pip uninstall -y -q pip setuptools \
  && find /opt/inference-core -name '*.map' -delete \
+ && find /opt/inference-core -path '*/swagger_ui_bundle/vendor/*' -type f \
+      ! -name swagger-ui.css ! -name swagger-ui-bundle.js -delete \
  && find /opt/inference-core -name '*.so' -exec strip --strip-unneeded {} +
 
 FROM ${BASE_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
- && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin inference
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin inference \
+ && install -d -o 10001 -g 10001 /var/lib/inference-core
 COPY --from=build /opt/inference-core /opt/inference-core
 ENV PATH=/opt/inference-core/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     INFERENCE_HOST=0.0.0.0 \
-    INFERENCE_PORT=8080
+    INFERENCE_PORT=8080 \
+    INFERENCE_DATA_DIR=/var/lib/inference-core
+# Uploaded files and their records: a volume, writable even when the container runs --read-only.
+VOLUME /var/lib/inference-core
 USER 10001:10001
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \

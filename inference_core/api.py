@@ -14,13 +14,16 @@ from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message
 
 from inference_core import endpoints, multipart, openapi, protocol
 from inference_core.auth import GatewayKeys, parse_keys, tenant_of
+from inference_core.batch.store import FileStore, StoredFile
 from inference_core.config import ConfigError, RedisFailure, Settings, load_settings
 from inference_core.config_file import BackendConfig, FleetConfig, load_fleet
 from inference_core.endpoints import Endpoint
@@ -33,6 +36,7 @@ from inference_core.errors import (
     ClientDisconnected,
     GatewayError,
     InvalidRequest,
+    MethodNotAllowed,
     ModelNotAllowed,
     ModelNotFound,
     NotFound,
@@ -40,6 +44,7 @@ from inference_core.errors import (
     PayloadTooLarge,
     RateLimitExceeded,
     RequestTimeout,
+    StorageUnavailable,
 )
 from inference_core.health import STALE_AFTER_INTERVALS, HealthMonitor
 from inference_core.observability import Metrics, RequestContext, configure_logging, record_of
@@ -48,6 +53,8 @@ from inference_core.responses import EventStreamResponse, JSONBytes, unless_disc
 from inference_core.routing import Handler, Lifespan, Route, Router
 from inference_core.tracing import Tracer, tracer_from_environment
 
+#: Room for an upload's form fields and boundaries beyond the file itself.
+FORM_OVERHEAD_BYTES = 64 * 1024
 #: A request header: at most this many gateway retries for this request (never more than configured).
 MAX_RETRIES_HEADER = "x-inference-max-retries"
 #: Methods whose unknown ``/v1`` paths answer 404 (only a POST naming a model is passed through).
@@ -100,11 +107,14 @@ async def read_json(request: Request, limit: int, within: float) -> tuple[Any, b
 class Routes:
     """The endpoints, bound to one engine."""
 
-    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics, health: HealthMonitor) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, metrics: Metrics, health: HealthMonitor, files: FileStore
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
         self.health_monitor = health
+        self.files = files
 
     def _forwarder(self, endpoint: Endpoint) -> Handler:
         async def forward(request: Request) -> ASGIApp:
@@ -233,6 +243,90 @@ class Routes:
         reports = [await self.engine.gate.windows.usage(t) for t in shown]
         return JSONBytes(orjson.dumps({"object": "list", "data": reports}))
 
+    # OpenAI's Files API: what a batch reads, kept by the gateway itself.
+
+    async def file_collection(self, request: Request) -> ASGIApp:
+        """``POST /v1/files`` uploads a file; ``GET /v1/files`` lists the caller's."""
+        owner = _owner(request)
+        if request.method == "POST":
+            return JSONBytes(orjson.dumps((await self._upload(request, owner)).openai()))
+        query = request.query_params
+        limit = _bounded_int(query.get("limit"), "limit", default=10000, low=1, high=10000)
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise InvalidRequest("'order' is asc or desc.", param="order")
+        page = await self.files.page(
+            owner, purpose=query.get("purpose"), after=query.get("after"), limit=limit + 1, newest_first=order == "desc"
+        )
+        data = [stored.openai() for stored in page[:limit]]
+        listed = {"object": "list", "data": data, "has_more": len(page) > limit}
+        listed |= {"first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return JSONBytes(orjson.dumps(listed))
+
+    async def _upload(self, request: Request, owner: str | None) -> StoredFile:
+        """The upload, spooled to disk as it arrives (never whole in memory), within the size limit."""
+        limit = self.settings.batch_max_file_bytes
+        too_large = PayloadTooLarge(f"The file exceeds the limit of {limit} bytes.")
+        allowed = limit + FORM_OVERHEAD_BYTES  # the form's own fields and boundaries
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > allowed:
+            raise too_large
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await request.receive()
+            received += len(message.get("body", b""))
+            if received > allowed:
+                raise too_large
+            return message
+
+        try:
+            form = await Request(request.scope, counted).form(max_files=1, max_fields=16)
+        except MultiPartException as exc:
+            raise InvalidRequest(f"The upload is not a valid multipart form: {exc.message}") from None
+        try:
+            upload, purpose = form.get("file"), form.get("purpose")
+            if not isinstance(upload, UploadFile):
+                raise InvalidRequest("The form needs a 'file' part holding the file.", param="file")
+            if purpose != "batch":
+                raise InvalidRequest("'purpose' must be 'batch' (the files the Batch API reads).", param="purpose")
+            try:
+                stored = await self.files.add(upload.file, owner=owner, purpose=purpose, filename=upload.filename or "")
+            except OSError as exc:
+                raise StorageUnavailable(
+                    f"The gateway cannot write its data directory (INFERENCE_DATA_DIR): {exc.strerror}."
+                ) from None
+        finally:
+            await form.close()
+        if stored.bytes > limit:
+            await self.files.delete(stored.id, owner)
+            raise too_large
+        return stored
+
+    async def file_item(self, request: Request) -> ASGIApp:
+        """``GET``/``DELETE /v1/files/{id}`` and ``GET /v1/files/{id}/content``, for the file's owner only."""
+        file_id, slash, action = request.path_params["file_path"].partition("/")
+        owner = _owner(request)
+        allowed = {"": ("GET", "DELETE"), "/content": ("GET",)}.get(slash + action)
+        if allowed is None:
+            raise NotFound(f"Invalid URL ({request.method} {request.url.path}).")
+        if request.method not in allowed:
+            refused = MethodNotAllowed(f"Method not allowed ({request.method} {request.url.path}).")
+            refused.headers["allow"] = ", ".join(allowed)
+            raise refused
+        missing = NotFound(f"No file with id '{file_id}' exists.", param="file_id")
+        if request.method == "DELETE":
+            if not await self.files.delete(file_id, owner):
+                raise missing
+            return JSONBytes(orjson.dumps({"id": file_id, "object": "file", "deleted": True}))
+        stored = await self.files.get(file_id, owner)
+        if stored is None:
+            raise missing
+        if action == "content":
+            return FileResponse(self.files.path(file_id), media_type="application/octet-stream")
+        return JSONBytes(orjson.dumps(stored.openai()))
+
     async def health(self, request: Request) -> ASGIApp:
         return JSONBytes(orjson.dumps(self.health_monitor.report()))
 
@@ -271,6 +365,8 @@ class Routes:
             Route("/openapi.json", {"GET": self.openapi_json}),
             Route("/docs", {"GET": self.docs}),
             *(Route(f"/docs/{name}", {"GET": self.docs_asset}) for name in openapi.SWAGGER_ASSETS),
+            Route("/v1/files", {"GET": self.file_collection, "POST": self.file_collection}),
+            Route("/v1/files/{file_path:path}", dict.fromkeys(_METHODS, self.file_item)),
             Route(endpoints.RESPONSE_ROUTE, dict.fromkeys(_METHODS, self.stored_response)),
             Route(endpoints.PASSTHROUGH_ROUTE, dict.fromkeys(_METHODS, self.passthrough)),
         ]
@@ -315,6 +411,20 @@ def _priority(payload: dict[str, Any], request: Request, tenant: Tenant | None) 
     if value is not None and priority != value:
         return priority, {**payload, "priority": priority}
     return priority, payload
+
+
+def _owner(request: Request) -> str | None:
+    """Whose files a request sees: its key's (None: the gateway has no keys)."""
+    tenant = tenant_of(request.scope)
+    return tenant.name if tenant is not None else None
+
+
+def _bounded_int(value: str | None, name: str, *, default: int, low: int, high: int) -> int:
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+        raise InvalidRequest(f"'{name}' must be a whole number from {low} to {high}.", param=name)
+    return int(value)
 
 
 def _max_retries(request: Request) -> int | None:
@@ -413,7 +523,8 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
     metrics.watch(admission, lambda: engine.fleet)
     health = HealthMonitor(engine, metrics, interval=settings.probe_interval, shutdown_grace=settings.shutdown_grace)
     reloader = Reloader(engine, health, load=lambda: load_fleet(settings), build=build)
-    routes = Routes(settings, engine, metrics, health)
+    files = FileStore(settings.data_dir)
+    routes = Routes(settings, engine, metrics, health, files)
 
     async def startup() -> None:
         for backend in engine.fleet.backends.values():
@@ -427,6 +538,7 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
         await reloader.stop()
         if shared is not None:
             await shared.aclose()
+        files.close()
         for backend in engine.fleet.backends.values():
             await backend.aclose()
 

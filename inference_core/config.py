@@ -143,6 +143,13 @@ class Settings(BaseSettings):
         RedisFailure.OPEN,
         description="Redis unreachable: open (each gateway applies the limits alone) or closed (answer 503).",
     )
+    data_dir: Path = Field(
+        Path("inference-core-data"),
+        description="Folder for uploaded files and their records (SQLite); created on the first upload.",
+    )
+    batch_max_file_bytes: Annotated[int, Field(ge=1)] = Field(
+        200 * 1024 * 1024, description="Largest file accepted by POST /v1/files, in bytes."
+    )
     default_completion_tokens: Annotated[int, Field(ge=0)] = Field(
         256, description="Completion tokens reserved under a key's tpm for a request that sets no max_tokens."
     )

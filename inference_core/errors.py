@@ -14,7 +14,8 @@
     │   ├── QueueFull                 the queue holds INFERENCE_QUEUE_SIZE requests already
     │   ├── QueueTimeout              waited longer than INFERENCE_QUEUE_TIMEOUT
     │   ├── Draining                  shutting down: no new work
-    │   └── NoHealthyBackend          every backend replica is down
+    │   ├── NoHealthyBackend          every backend replica is down
+    │   └── StorageUnavailable        the data directory cannot be written
     └── UpstreamError                 the backend failed us
         ├── BackendUnreachable        502: could not connect, or the connection broke
         ├── BadUpstreamResponse       502: the backend answered something unreadable
@@ -179,6 +180,10 @@ class Draining(Overloaded):
 
 class NoHealthyBackend(Overloaded):
     code = "no_healthy_backend"
+
+
+class StorageUnavailable(Overloaded):
+    code = "storage_unavailable"
 
 
 class UpstreamError(GatewayError):

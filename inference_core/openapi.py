@@ -92,7 +92,22 @@ def document() -> bytes:
     def on_stored(summary: str) -> dict[str, Any]:
         return {**_operation(summary + " (sent to the replica that stored it)", None), "parameters": stored}
 
+    file_id = [{"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    upload = {
+        "type": "object",
+        "required": ["file", "purpose"],
+        "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"enum": ["batch"]}},
+    }
     paths |= {
+        "/v1/files": {
+            "post": _operation("Upload a file (a batch's input, JSONL)", None, body=upload, form=True),
+            "get": _operation("List your files (after, limit, order, purpose)", None),
+        },
+        "/v1/files/{file_id}": {
+            "get": {**_operation("Retrieve a file", None), "parameters": file_id},
+            "delete": {**_operation("Delete a file", None), "parameters": file_id},
+        },
+        "/v1/files/{file_id}/content": {"get": {**_operation("A file's content", None), "parameters": file_id}},
         "/v1/responses/{response_id}": {
             "get": on_stored("Retrieve a stored response"),
             "delete": on_stored("Delete a stored response"),

@@ -94,6 +94,7 @@ def start_gateway(log_dir: Path, backend_url: str, env: dict[str, str] | None = 
         "INFERENCE_MODEL": "meta-llama/Meta-Llama-3-8B-Instruct",
         "INFERENCE_PORT": str(port),
         "INFERENCE_HOST": "127.0.0.1",
+        "INFERENCE_DATA_DIR": str(log_dir / f"data-{port}"),
     }
     env.update({f"INFERENCE_{name.upper()}": value for name, value in settings.items()})
     return start(["inference_core"], port=port, env=env, log_dir=log_dir, ready_path="/health/live")
@@ -102,6 +103,12 @@ def start_gateway(log_dir: Path, backend_url: str, env: dict[str, str] | None = 
 def start_fleet(log_dir: Path, config: Path, env: dict[str, str] | None = None, **settings: str) -> Server:
     """A gateway configured by the file ``config`` (``settings`` are INFERENCE_* variables on top)."""
     port = free_port()
-    env = {**(env or {}), "INFERENCE_CONFIG": str(config), "INFERENCE_PORT": str(port), "INFERENCE_HOST": "127.0.0.1"}
+    env = {
+        **(env or {}),
+        "INFERENCE_CONFIG": str(config),
+        "INFERENCE_PORT": str(port),
+        "INFERENCE_HOST": "127.0.0.1",
+        "INFERENCE_DATA_DIR": str(log_dir / f"data-{port}"),
+    }
     env.update({f"INFERENCE_{name.upper()}": value for name, value in settings.items()})
     return start(["inference_core"], port=port, env=env, log_dir=log_dir, ready_path="/health/live")

