@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message
 
 from inference_core import endpoints, multipart, openapi, protocol
 from inference_core.auth import GatewayKeys, parse_keys, tenant_of
+from inference_core.batch.batches import Batches, shown
 from inference_core.batch.store import FileStore, StoredFile
 from inference_core.config import ConfigError, RedisFailure, Settings, load_settings
 from inference_core.config_file import BackendConfig, FleetConfig, load_fleet
@@ -108,13 +109,20 @@ class Routes:
     """The endpoints, bound to one engine."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, metrics: Metrics, health: HealthMonitor, files: FileStore
+        self,
+        settings: Settings,
+        engine: Engine,
+        metrics: Metrics,
+        health: HealthMonitor,
+        files: FileStore,
+        batches: Batches,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
         self.health_monitor = health
         self.files = files
+        self.batches = batches
 
     def _forwarder(self, endpoint: Endpoint) -> Handler:
         async def forward(request: Request) -> ASGIApp:
@@ -327,6 +335,50 @@ class Routes:
             return FileResponse(self.files.path(file_id), media_type="application/octet-stream")
         return JSONBytes(orjson.dumps(stored.openai()))
 
+    # OpenAI's Batch API.
+
+    async def batch_collection(self, request: Request) -> ASGIApp:
+        """``POST /v1/batches`` creates a batch; ``GET /v1/batches`` lists the caller's, newest first."""
+        owner = _owner(request)
+        if request.method == "POST":
+            body, _ = await read_json(request, self.settings.max_body_bytes, self.settings.timeout)
+            if not isinstance(body, dict):
+                raise InvalidRequest("The request body must be a JSON object.")
+            for name in ("input_file_id", "endpoint", "completion_window"):
+                if not isinstance(body.get(name), str):
+                    raise InvalidRequest(f"'{name}' is required.", param=name)
+            created = await self.batches.create(
+                owner=owner,
+                input_file_id=body["input_file_id"],
+                endpoint=body["endpoint"],
+                completion_window=body["completion_window"],
+                metadata=body.get("metadata"),
+            )
+            return JSONBytes(orjson.dumps(shown(created)))
+        query = request.query_params
+        limit = _bounded_int(query.get("limit"), "limit", default=20, low=1, high=100)
+        page = await self.batches.page(owner, after=query.get("after"), limit=limit + 1)
+        data = [shown(record) for record in page[:limit]]
+        listed = {"object": "list", "data": data, "has_more": len(page) > limit}
+        listed |= {"first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return JSONBytes(orjson.dumps(listed))
+
+    async def batch_item(self, request: Request) -> ASGIApp:
+        """``GET /v1/batches/{id}`` and ``POST /v1/batches/{id}/cancel``, for the batch's owner only."""
+        batch_id, slash, action = request.path_params["batch_path"].partition("/")
+        allowed = {"": ("GET",), "/cancel": ("POST",)}.get(slash + action)
+        if allowed is None:
+            raise NotFound(f"Invalid URL ({request.method} {request.url.path}).")
+        if request.method not in allowed:
+            refused = MethodNotAllowed(f"Method not allowed ({request.method} {request.url.path}).")
+            refused.headers["allow"] = ", ".join(allowed)
+            raise refused
+        owner = _owner(request)
+        found = await (self.batches.cancel if action else self.batches.get)(batch_id, owner)
+        if found is None:
+            raise NotFound(f"No batch with id '{batch_id}' exists.", param="batch_id")
+        return JSONBytes(orjson.dumps(shown(found)))
+
     async def health(self, request: Request) -> ASGIApp:
         return JSONBytes(orjson.dumps(self.health_monitor.report()))
 
@@ -367,6 +419,8 @@ class Routes:
             *(Route(f"/docs/{name}", {"GET": self.docs_asset}) for name in openapi.SWAGGER_ASSETS),
             Route("/v1/files", {"GET": self.file_collection, "POST": self.file_collection}),
             Route("/v1/files/{file_path:path}", dict.fromkeys(_METHODS, self.file_item)),
+            Route("/v1/batches", {"GET": self.batch_collection, "POST": self.batch_collection}),
+            Route("/v1/batches/{batch_path:path}", dict.fromkeys(_METHODS, self.batch_item)),
             Route(endpoints.RESPONSE_ROUTE, dict.fromkeys(_METHODS, self.stored_response)),
             Route(endpoints.PASSTHROUGH_ROUTE, dict.fromkeys(_METHODS, self.passthrough)),
         ]
@@ -524,7 +578,27 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
     health = HealthMonitor(engine, metrics, interval=settings.probe_interval, shutdown_grace=settings.shutdown_grace)
     reloader = Reloader(engine, health, load=lambda: load_fleet(settings), build=build)
     files = FileStore(settings.data_dir)
-    routes = Routes(settings, engine, metrics, health, files)
+
+    async def run_line(endpoint: Endpoint, payload: dict[str, Any], raw: bytes, request_id: str) -> tuple[int, bytes]:
+        """One batch line through the engine, at the batch priority, as its owner's key."""
+        call = Call(endpoint, payload, request_id, raw, settings.batch_priority)
+        try:
+            return 200, (await engine.complete(call)).body
+        except GatewayError as error:
+            return error.status, error.body()
+
+    batches = Batches(
+        files,
+        endpoints={
+            e.path: e for e in (endpoints.CHAT, endpoints.COMPLETIONS, endpoints.EMBEDDINGS, endpoints.RESPONSES)
+        },
+        run_line=run_line,
+        routable=lambda model: engine.fleet.serves(model),
+        max_lines=settings.batch_max_lines,
+        max_concurrent=settings.batch_max_concurrent,
+        window=settings.batch_window_seconds,
+    )
+    routes = Routes(settings, engine, metrics, health, files, batches)
 
     async def startup() -> None:
         for backend in engine.fleet.backends.values():
@@ -532,12 +606,14 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
         await health.start()
         if settings.config is not None:
             reloader.watch()
+        await batches.resume()
 
     async def shutdown() -> None:
         await health.stop()
         await reloader.stop()
         if shared is not None:
             await shared.aclose()
+        await batches.aclose()
         files.close()
         for backend in engine.fleet.backends.values():
             await backend.aclose()

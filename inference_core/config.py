@@ -150,6 +150,12 @@ class Settings(BaseSettings):
     batch_max_file_bytes: Annotated[int, Field(ge=1)] = Field(
         200 * 1024 * 1024, description="Largest file accepted by POST /v1/files, in bytes."
     )
+    batch_priority: int = Field(100, description="Priority of batch lines in the queue (lower is sooner).")
+    batch_max_concurrent: Annotated[int, Field(ge=1)] = Field(32, description="Batch lines in flight at once.")
+    batch_max_lines: Annotated[int, Field(ge=1)] = Field(50_000, description="Most lines in one batch's input.")
+    batch_window_seconds: Annotated[float, Field(gt=0)] = Field(
+        86_400, description="How long a batch's completion_window ('24h') lasts; lines not run by then expire."
+    )
     default_completion_tokens: Annotated[int, Field(ge=0)] = Field(
         256, description="Completion tokens reserved under a key's tpm for a request that sets no max_tokens."
     )

@@ -93,6 +93,7 @@ def document() -> bytes:
         return {**_operation(summary + " (sent to the replica that stored it)", None), "parameters": stored}
 
     file_id = [{"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    batch_id = [{"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     upload = {
         "type": "object",
         "required": ["file", "purpose"],
@@ -108,6 +109,27 @@ def document() -> bytes:
             "delete": {**_operation("Delete a file", None), "parameters": file_id},
         },
         "/v1/files/{file_id}/content": {"get": {**_operation("A file's content", None), "parameters": file_id}},
+        "/v1/batches": {
+            "post": _operation(
+                "Create a batch from an uploaded JSONL file",
+                None,
+                body={
+                    "type": "object",
+                    "required": ["input_file_id", "endpoint", "completion_window"],
+                    "properties": {
+                        "input_file_id": {"type": "string"},
+                        "endpoint": {
+                            "enum": ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
+                        },
+                        "completion_window": {"enum": ["24h"]},
+                        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                    },
+                },
+            ),
+            "get": _operation("List your batches, newest first (after, limit)", None),
+        },
+        "/v1/batches/{batch_id}": {"get": {**_operation("Retrieve a batch", None), "parameters": batch_id}},
+        "/v1/batches/{batch_id}/cancel": {"post": {**_operation("Cancel a batch", None), "parameters": batch_id}},
         "/v1/responses/{response_id}": {
             "get": on_stored("Retrieve a stored response"),
             "delete": on_stored("Delete a stored response"),

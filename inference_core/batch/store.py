@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_by_owner ON files (owner);
 """
 _COLUMNS = "id, owner, purpose, filename, bytes, created_at"
+DATABASE = "gateway.sqlite3"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +62,27 @@ class FileStore:
         self.folder = folder
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="file-store")
         self._db: sqlite3.Connection | None = None
+        self._schemas = [_SCHEMA]
 
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def schema(self, script: str) -> None:
+        """More tables in the same database (the batches'), created with it."""
+        self._schemas.append(script)
+
+    def exists(self) -> bool:
+        """Whether anything was ever stored (without creating the folder)."""
+        return (self.folder / DATABASE).exists()
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work`` on the database, on the store's own thread."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: work(self._connection()))
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
             (self.folder / "files").mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.folder / "gateway.sqlite3", isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(self.folder / DATABASE, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
+            for script in self._schemas:
+                self._db.executescript(script)
         return self._db
 
     def path(self, file_id: str) -> Path:
@@ -89,7 +101,7 @@ class FileStore:
             db.execute(f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", _row(stored))
             return stored
 
-        return await self._run(write)
+        return await self.run(write)
 
     async def get(self, file_id: str, owner: str | None) -> StoredFile | None:
         """The file, if it exists and belongs to ``owner`` (another key's files do not exist for it)."""
@@ -98,7 +110,7 @@ class FileStore:
             row = db.execute(f"SELECT {_COLUMNS} FROM files WHERE id = ? AND owner IS ?", (file_id, owner)).fetchone()
             return StoredFile(*row) if row else None
 
-        return await self._run(read)
+        return await self.run(read)
 
     async def page(
         self, owner: str | None, *, purpose: str | None, after: str | None, limit: int, newest_first: bool
@@ -117,7 +129,7 @@ class FileStore:
             query = f"SELECT {_COLUMNS} FROM files WHERE {' AND '.join(where)} ORDER BY rowid {order} LIMIT ?"
             return [StoredFile(*row) for row in db.execute(query, (*args, limit))]
 
-        return await self._run(read)
+        return await self.run(read)
 
     async def delete(self, file_id: str, owner: str | None) -> bool:
         def remove(db: sqlite3.Connection) -> bool:
@@ -126,7 +138,7 @@ class FileStore:
                 self.path(file_id).unlink(missing_ok=True)
             return bool(deleted)
 
-        return await self._run(remove)
+        return await self.run(remove)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)

@@ -82,6 +82,11 @@ class Backend:
             return any(fnmatchcase(model, pattern) for pattern in self.config.models)
         return any(replica.models is not None and model in replica.models for replica in self.replicas)
 
+    @property
+    def knows_models(self) -> bool:
+        """It declared its models, or a replica has listed them."""
+        return self.config.models is not None or any(replica.models is not None for replica in self.replicas)
+
     def can_serve(self, endpoint: Endpoint) -> bool:
         return self.kind is ProviderType.VLLM or not endpoint.vllm_only
 

@@ -40,6 +40,14 @@ class Fleet:
     #: The keys clients must send (None: the API is open).
     keys: Keys | None = None
 
+    def serves(self, model: str) -> bool:
+        """Whether ``model`` is an alias or a backend is known to serve it (as no backend has listed
+        its models yet, it cannot be told, and counts as served)."""
+        backends = self.backends.values()
+        if model in self.aliases or any(backend.serves(model) for backend in backends):
+            return True
+        return not any(backend.knows_models for backend in backends)
+
     def route(self, model: str) -> list[Destination]:
         """Where a request for ``model`` goes, first choice first."""
         chain = self.aliases.get(model)

@@ -1,0 +1,173 @@
+"""OpenAI's Batch API through the official SDK: lines run through the engine, results kept, resumed after a kill."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from tests.conftest import MODEL, sim_stats
+from tests.openai_schemas import OpenAISchemas
+from tests.servers import Server, start_gateway
+
+Spawn = Callable[..., Server]
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+
+def chat_line(custom_id: str, **body: Any) -> dict[str, Any]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": custom_id}], "max_tokens": 3, **body}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def finished(client: openai.OpenAI, batch_id: str, seconds: float = 60) -> Any:
+    deadline = time.monotonic() + seconds
+    while (batch := client.batches.retrieve(batch_id)).status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.1)
+    return batch
+
+
+def results(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    return [] if file_id is None else [orjson.loads(line) for line in client.files.content(file_id).read().splitlines()]
+
+
+def test_a_batch_runs_every_line_once(spawn: Spawn, simulator: Server, tmp_path: Path, schemas: OpenAISchemas) -> None:
+    gateway = spawn("gateway", simulator.url, data_dir=str(tmp_path))
+    lines = [chat_line(f"req-{i}") for i in range(20)] + [chat_line("refused", sim_fault="status=400")]
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
+        source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"job": "t"}
+        )
+        schemas.validate("Batch", batch.model_dump(mode="json", exclude_unset=True))
+        done = finished(client, batch.id)
+        schemas.validate("Batch", done.model_dump(mode="json", exclude_unset=True))
+        assert done.status == "completed" and done.metadata == {"job": "t"}
+        assert done.request_counts is not None
+        assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (21, 20, 1)
+        output, errors = results(client, done.output_file_id), results(client, done.error_file_id)
+        assert sorted(r["custom_id"] for r in output) == sorted(f"req-{i}" for i in range(20))
+        assert all(
+            r["response"]["status_code"] == 200 and r["response"]["body"]["object"] == "chat.completion" for r in output
+        )
+        assert [(r["custom_id"], r["response"]["status_code"]) for r in errors] == [("refused", 400)]
+        assert [b.id for b in client.batches.list()] == [batch.id]
+
+
+def test_a_bad_input_fails_the_batch_and_sends_nothing(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
+    gateway = spawn("gateway", simulator.url, data_dir=str(tmp_path))
+    bad = (
+        jsonl([chat_line("a"), chat_line("a")])
+        + b"{not json\n"
+        + jsonl([{**chat_line("b"), "url": "/v1/embeddings"}, chat_line("c", model="no-such-model")])
+    )
+    before = sim_stats(simulator)["requests"].get("/v1/chat/completions", 0)
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
+        source = client.files.create(file=("bad.jsonl", bad), purpose="batch")
+        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+        failed = finished(client, batch.id)
+    assert failed.status == "failed" and failed.errors is not None
+    found = [(e.code, e.line) for e in failed.errors.data or []]
+    assert found == [("duplicate_custom_id", 2), ("invalid_json_line", 3), ("invalid_url", 4), ("model_not_found", 5)]
+    assert sim_stats(simulator)["requests"].get("/v1/chat/completions", 0) == before
+
+
+def test_cancel_delivers_what_is_done(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
+    gateway = spawn("gateway", simulator.url, data_dir=str(tmp_path), batch_max_concurrent="2")
+    lines = [chat_line(f"slow-{i}", sim_fault="delay=0.2") for i in range(30)]
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
+        source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+        time.sleep(1.0)
+        assert client.batches.cancel(batch.id).status == "cancelling"
+        done = finished(client, batch.id)
+        output, errors = results(client, done.output_file_id), results(client, done.error_file_id)
+    assert done.status == "cancelled" and 0 < len(output) < 30
+    assert sorted(r["custom_id"] for r in output + errors) == sorted(line["custom_id"] for line in lines)
+    assert {r["error"]["code"] for r in errors} == {"batch_cancelled"}
+
+
+def test_batches_belong_to_their_key(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
+    gateway = spawn("gateway", simulator.url, data_dir=str(tmp_path), gateway_api_keys="sk-one-1,sk-two-2")
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-one-1", max_retries=0) as one:
+        source = one.files.create(file=("in.jsonl", jsonl([chat_line("x")])), purpose="batch")
+        batch = one.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-two-2", max_retries=0) as two:
+        with pytest.raises(openai.NotFoundError):
+            two.batches.retrieve(batch.id)
+        with pytest.raises(openai.NotFoundError):
+            two.batches.cancel(batch.id)
+        assert list(two.batches.list()) == []
+        with pytest.raises(openai.BadRequestError):  # another key's file is no file at all
+            two.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def test_a_killed_gateway_resumes_its_batch_without_sending_a_line_twice(
+    log_dir: Path, spawn: Spawn, tmp_path: Path
+) -> None:
+    simulator = spawn("simulator")
+    settings = {"data_dir": str(tmp_path), "batch_max_concurrent": "2"}
+    gateway = start_gateway(log_dir, simulator.url, **settings)
+    lines = [chat_line(f"line-{i}", sim_fault="delay=0.1") for i in range(40)]
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
+            source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+            batch = client.batches.create(
+                input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            time.sleep(1.0)
+        gateway.process.send_signal(signal.SIGKILL)
+        gateway.process.wait()
+        sent_before = sim_stats(simulator)["requests"]["/v1/chat/completions"]
+        assert 0 < sent_before < 40
+    finally:
+        gateway.stop()
+    again = start_gateway(log_dir, simulator.url, **settings)
+    try:
+        with openai.OpenAI(base_url=again.url + "/v1", api_key="unused", max_retries=0) as client:
+            done = finished(client, batch.id)
+            output = results(client, done.output_file_id)
+    finally:
+        again.stop()
+    assert done.status == "completed" and sorted(r["custom_id"] for r in output) == sorted(
+        f"line-{i}" for i in range(40)
+    )
+    sent = sim_stats(simulator)["requests"]["/v1/chat/completions"]
+    assert 40 <= sent <= 40 + 2  # only the lines in flight at the kill (2 at most) ran twice
+
+
+def test_batch_routes_refuse_what_they_do_not_know(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
+    gateway = spawn("gateway", simulator.url, data_dir=str(tmp_path))
+    url = gateway.url + "/v1/batches"
+    assert httpx.get(url + "/batch_nope").status_code == 404
+    assert httpx.delete(url + "/batch_nope").status_code == 405
+    body = {"input_file_id": "file-x", "endpoint": "/v1/moderations", "completion_window": "24h"}
+    assert httpx.post(url, json=body).json()["error"]["param"] == "endpoint"
+    assert (
+        httpx.post(url, json={**body, "endpoint": "/v1/chat/completions"}).json()["error"]["param"] == "input_file_id"
+    )
+
+
+def test_lines_not_run_when_the_window_closes_expire(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
+    gateway = spawn(
+        "gateway", simulator.url, data_dir=str(tmp_path), batch_max_concurrent="1", batch_window_seconds="1"
+    )
+    lines = [chat_line(f"late-{i}", sim_fault="delay=0.3") for i in range(12)]
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
+        source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+        done = finished(client, batch.id)
+        output, errors = results(client, done.output_file_id), results(client, done.error_file_id)
+    assert done.status == "expired" and done.expired_at is not None
+    assert 0 < len(output) < 12 and {r["error"]["code"] for r in errors} == {"batch_expired"}
+    assert sorted(r["custom_id"] for r in output + errors) == sorted(line["custom_id"] for line in lines)
