@@ -35,6 +35,7 @@ from inference_core.engine.shared import Shared, SharedAffinity, SharedRateLimit
 from inference_core.engine.tenants import Slots, SlotStore, Tenant, Windows, WindowStore, build_keys
 from inference_core.errors import (
     ClientDisconnected,
+    Draining,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
@@ -584,6 +585,8 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
         call = Call(endpoint, payload, request_id, raw, settings.batch_priority)
         try:
             return 200, (await engine.complete(call)).body
+        except Draining:
+            raise  # not the line's answer: the gateway is stopping, and the line runs after the restart
         except GatewayError as error:
             return error.status, error.body()
 
@@ -613,7 +616,7 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
         await reloader.stop()
         if shared is not None:
             await shared.aclose()
-        await batches.aclose()
+        await batches.aclose(grace=settings.shutdown_grace)
         files.close()
         for backend in engine.fleet.backends.values():
             await backend.aclose()

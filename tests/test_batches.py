@@ -171,3 +171,36 @@ def test_lines_not_run_when_the_window_closes_expire(spawn: Spawn, simulator: Se
     assert done.status == "expired" and done.expired_at is not None
     assert 0 < len(output) < 12 and {r["error"]["code"] for r in errors} == {"batch_expired"}
     assert sorted(r["custom_id"] for r in output + errors) == sorted(line["custom_id"] for line in lines)
+
+
+def test_sigterm_stops_starting_lines_and_the_batch_resumes_with_none_twice(
+    log_dir: Path, spawn: Spawn, tmp_path: Path
+) -> None:
+    simulator = spawn("simulator")
+    settings = {"data_dir": str(tmp_path), "batch_max_concurrent": "2"}
+    gateway = start_gateway(log_dir, simulator.url, **settings)
+    lines = [chat_line(f"line-{i}", sim_fault="delay=0.1") for i in range(30)]
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
+            source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+            batch = client.batches.create(
+                input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            time.sleep(0.8)
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(30) == 0
+        sent_before = sim_stats(simulator)["requests"]["/v1/chat/completions"]
+        assert 0 < sent_before < 30
+    finally:
+        gateway.stop()
+    again = start_gateway(log_dir, simulator.url, **settings)
+    try:
+        with openai.OpenAI(base_url=again.url + "/v1", api_key="unused", max_retries=0) as client:
+            done = finished(client, batch.id)
+            output = results(client, done.output_file_id)
+    finally:
+        again.stop()
+    assert done.status == "completed" and sorted(r["custom_id"] for r in output) == sorted(
+        f"line-{i}" for i in range(30)
+    )
+    assert sim_stats(simulator)["requests"]["/v1/chat/completions"] == 30  # no line sent twice

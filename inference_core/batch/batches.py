@@ -26,7 +26,7 @@ import orjson
 
 from inference_core.batch.store import FileStore, StoredFile
 from inference_core.endpoints import Endpoint
-from inference_core.errors import GatewayError, InvalidRequest
+from inference_core.errors import Draining, InvalidRequest
 
 log = logging.getLogger("inference_core")
 
@@ -175,10 +175,15 @@ class Batches:
             log.info("batch resumed", extra={"fields": {"batch": batch_id}})
             self._start(batch_id, owner)
 
-    async def aclose(self) -> None:
-        for task in self._tasks.values():
+    async def aclose(self, *, grace: float) -> None:
+        """Let runners record the lines they have in flight (the gateway is draining: no new line
+        starts), for at most ``grace`` seconds, then stop them."""
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _start(self, batch_id: str, owner: str | None) -> None:
         task = asyncio.create_task(self._run(batch_id, owner))
@@ -292,13 +297,19 @@ class Batches:
         pending = await self._pending(batch_id)
         expires_at = record["expires_at"]
         numbers = iter(pending)  # shared by the workers: each line is taken once
+        stopping = False
 
         async def worker() -> None:
             for number in numbers:
                 if batch_id in self._cancelled or time.time() >= expires_at:
                     return
                 body = await self._line(batch_id, number)
-                status, result = await self.run_line(endpoint, orjson.loads(body), body, f"{batch_id}-{number}")
+                try:
+                    status, result = await self.run_line(endpoint, orjson.loads(body), body, f"{batch_id}-{number}")
+                except Draining:
+                    nonlocal stopping
+                    stopping = True  # the line stays to do: the batch resumes when the gateway starts again
+                    return
 
                 await self._record(batch_id, number, status, result)
 
@@ -311,6 +322,8 @@ class Batches:
         counts = await self._counts(batch_id)
         if latest["status"] == "cancelling" or batch_id in self._cancelled:
             latest |= {"status": "cancelling", "request_counts": counts}
+        elif stopping:
+            return latest  # still in_progress: resumed at the next start
         elif counts["completed"] + counts["failed"] < counts["total"]:
             latest |= {"status": "expired", "request_counts": counts}  # the window closed on lines not run
         else:
@@ -400,8 +413,3 @@ def _problem(raw: bytes, endpoint: str, seen: set[str], routable: Callable[[str]
     if not isinstance(model, str) or not routable(model):
         return "model_not_found", f"The model '{model}' is not served here."
     return None
-
-
-def line_error(error: GatewayError) -> tuple[int, bytes]:
-    """A line the gateway itself refused, as the status and body a backend would have sent."""
-    return error.status, error.body()
