@@ -95,7 +95,7 @@ class Batches:
     async def get(self, batch_id: str, owner: str | None) -> dict[str, Any] | None:
         def read(db: sqlite3.Connection) -> dict[str, Any] | None:
             row = db.execute("SELECT record FROM batches WHERE id = ? AND owner IS ?", (batch_id, owner)).fetchone()
-            return orjson.loads(row[0]) if row else None
+            return _live(db, row[0]) if row else None
 
         return await self.files.run(read)
 
@@ -108,7 +108,7 @@ class Batches:
                 where += " AND rowid < (SELECT rowid FROM batches WHERE id = ?)"
                 args.append(after)
             rows = db.execute(f"SELECT record FROM batches WHERE {where} ORDER BY rowid DESC LIMIT ?", (*args, limit))
-            return [orjson.loads(row[0]) for row in rows]
+            return [_live(db, row[0]) for row in rows]
 
         return await self.files.run(read)
 
@@ -196,6 +196,8 @@ class Batches:
         try:
             record = await self.get(batch_id, owner)
             assert record is not None
+            if record["status"] == "cancelling":
+                self._cancelled.add(batch_id)  # cancelled before a restart: stays cancelled
             if record["status"] == "validating":
                 record = await self._validate(record, owner)
             if record["status"] in ("in_progress", "cancelling"):
@@ -283,13 +285,7 @@ class Batches:
         await self.files.run(write)
 
     async def _counts(self, batch_id: str) -> dict[str, int]:
-        def read(db: sqlite3.Connection) -> dict[str, int]:
-            total, done, failed = db.execute(
-                "SELECT count(*), count(status), sum(status >= 300) FROM lines WHERE batch_id = ?", (batch_id,)
-            ).fetchone()
-            return {"total": total, "completed": done - (failed or 0), "failed": failed or 0}
-
-        return await self.files.run(read)
+        return await self.files.run(lambda db: _counted(db, batch_id))
 
     async def _execute(self, record: dict[str, Any], owner: str | None) -> dict[str, Any]:
         batch_id = record["id"]
@@ -313,11 +309,7 @@ class Batches:
 
                 await self._record(batch_id, number, status, result)
 
-        reporter = asyncio.create_task(self._report(record, owner))
-        try:
-            await asyncio.gather(*(worker() for _ in range(self.max_concurrent)))
-        finally:
-            reporter.cancel()
+        await asyncio.gather(*(worker() for _ in range(self.max_concurrent)))
         latest = await self.get(batch_id, owner) or record
         counts = await self._counts(batch_id)
         if latest["status"] == "cancelling" or batch_id in self._cancelled:
@@ -330,15 +322,6 @@ class Batches:
             latest |= {"status": "finalizing", "finalizing_at": int(time.time()), "request_counts": counts}
         await self._save(latest, owner)
         return latest
-
-    async def _report(self, record: dict[str, Any], owner: str | None) -> None:
-        """Keep ``request_counts`` current while the lines run."""
-        while True:
-            await asyncio.sleep(0.5)
-            latest = await self.get(record["id"], owner)
-            if latest is not None and latest["status"] == "in_progress":
-                latest["request_counts"] = await self._counts(record["id"])
-                await self._save(latest, owner)
 
     async def _finalize(self, record: dict[str, Any], owner: str | None, final: str) -> None:
         """Write the output and error files from the recorded results, in line order, then finish."""
@@ -381,6 +364,21 @@ class Batches:
         record |= {key: value.id if value is not None else None for key, value in stored.items()}
         record |= {"status": final, f"{final}_at": now, "request_counts": await self._counts(batch_id)}
         await self._save(record, owner)
+
+
+def _counted(db: sqlite3.Connection, batch_id: str) -> dict[str, int]:
+    """The batch's ``request_counts``, from its lines as they stand."""
+    query = "SELECT count(*), count(status), sum(status >= 300) FROM lines WHERE batch_id = ?"
+    total, done, failed = db.execute(query, (batch_id,)).fetchone()
+    return {"total": total, "completed": done - (failed or 0), "failed": failed or 0}
+
+
+def _live(db: sqlite3.Connection, stored: bytes) -> dict[str, Any]:
+    """A stored batch record, its counts brought up to date while its lines run."""
+    record: dict[str, Any] = orjson.loads(stored)
+    if record["status"] in ("in_progress", "cancelling", "finalizing"):
+        record["request_counts"] = _counted(db, record["id"])
+    return record
 
 
 def _unfinished(record: dict[str, Any]) -> bool:
