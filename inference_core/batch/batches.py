@@ -139,7 +139,7 @@ class Batches:
             "error_file_id": None,
             "created_at": now,
             "in_progress_at": None,
-            "expires_at": now + math.ceil(self.window),
+            "expires_at": math.ceil(time.time() + self.window),  # a whole window, at least
             "finalizing_at": None,
             "completed_at": None,
             "failed_at": None,
