@@ -601,6 +601,9 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
         max_concurrent=settings.batch_max_concurrent,
         window=settings.batch_window_seconds,
     )
+    batches.on_line = metrics.batch_line
+    metrics.watch_batches(lambda: batches.running)
+    health.batches = lambda: batches.running
     routes = Routes(settings, engine, metrics, health, files, batches)
 
     async def startup() -> None:

@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from inference_core.config import LBPolicy
@@ -34,6 +35,8 @@ class HealthMonitor:
         self.shutdown_grace = shutdown_grace
         self.last_at = 0.0
         self._task: asyncio.Task[None] | None = None
+        #: The batches the gateway is running (id -> status), for the report.
+        self.batches: Callable[[], dict[str, str]] = dict
 
     # Probing.
 
@@ -125,6 +128,7 @@ class HealthMonitor:
             "queue": {"depth": admission.waiting, "capacity": admission.queue_size},
             "in_flight": admission.in_flight,
             "concurrency_limit": admission.max_in_flight,
+            "batches": {"running": len(self.batches())},
         }
 
     # Draining.

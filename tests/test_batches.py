@@ -62,6 +62,11 @@ def test_a_batch_runs_every_line_once(spawn: Spawn, simulator: Server, tmp_path:
         )
         assert [(r["custom_id"], r["response"]["status_code"]) for r in errors] == [("refused", 400)]
         assert [b.id for b in client.batches.list()] == [batch.id]
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'inference_core_batch_lines_total{status="completed"} 20.0' in metrics
+    assert 'inference_core_batch_lines_total{status="failed"} 1.0' in metrics
+    assert 'inference_core_batches{status="in_progress"} 0.0' in metrics
+    assert httpx.get(gateway.url + "/health").json()["batches"] == {"running": 0}
 
 
 def test_a_bad_input_fails_the_batch_and_sends_nothing(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
@@ -89,6 +94,8 @@ def test_cancel_delivers_what_is_done(spawn: Spawn, simulator: Server, tmp_path:
         source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
         batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
         time.sleep(1.0)
+        assert 'inference_core_batches{status="in_progress"} 1.0' in httpx.get(gateway.url + "/metrics").text
+        assert httpx.get(gateway.url + "/health").json()["batches"] == {"running": 1}
         assert client.batches.cancel(batch.id).status == "cancelling"
         done = finished(client, batch.id)
         output, errors = results(client, done.output_file_id), results(client, done.error_file_id)

@@ -78,11 +78,20 @@ class Batches:
         self.window = window
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancelled: set[str] = set()
+        #: The batches this gateway is running, by id: their status (for metrics and /health).
+        self.running: dict[str, str] = {}
+        #: Called with "completed" or "failed" as each line's result is recorded.
+        self.on_line: Callable[[str], None] | None = None
         files.schema(_SCHEMA)
 
     # Records.
 
     async def _save(self, record: dict[str, Any], owner: str | None) -> None:
+        if _unfinished(record):
+            self.running[record["id"]] = record["status"]
+        else:
+            self.running.pop(record["id"], None)
+
         def write(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT INTO batches (id, owner, record) VALUES (?, ?, ?) "
@@ -283,6 +292,8 @@ class Batches:
             db.execute(query, (status, result, batch_id, number))
 
         await self.files.run(write)
+        if self.on_line is not None:
+            self.on_line("completed" if status < 300 else "failed")
 
     async def _counts(self, batch_id: str) -> dict[str, int]:
         return await self.files.run(lambda db: _counted(db, batch_id))

@@ -80,6 +80,7 @@ class Metrics:
         self.key_rejections = counter(
             "key_rejections", "Requests refused per key, by reason (rpm, tpm, model_not_allowed...).", ("key", "reason")
         )
+        self.batch_lines = counter("batch_lines", "Batch lines run, by result (completed, failed).", ("status",))
         self.fallbacks = counter(
             "fallbacks", "Requests moved on to their model's next target, by reason.", ("from", "to", "reason")
         )
@@ -97,6 +98,13 @@ class Metrics:
         self.queue_depth.set_function(lambda: admission.waiting)
         self.in_flight.set_function(lambda: admission.in_flight)
         self.concurrency_limit.set_function(lambda: admission.max_in_flight)
+
+    def watch_batches(self, running: Callable[[], dict[str, str]]) -> None:
+        """``inference_core_batches{status}``: the batches this gateway is running, by status."""
+        self.registry.register(BatchCollector(running))
+
+    def batch_line(self, status: str) -> None:
+        self.of(self.batch_lines, status).inc()
 
     def watch_redis(self, up: Callable[[], bool]) -> None:
         gauge = Gauge("inference_core_redis_up", "1 while the shared limits store answers.", registry=self.registry)
@@ -124,6 +132,20 @@ class Metrics:
 
     def fell_back(self, event: FallbackEvent) -> None:
         self.of(self.fallbacks, event.source, event.target, event.reason).inc()
+
+
+class BatchCollector:
+    def __init__(self, running: Callable[[], dict[str, str]]) -> None:
+        self.running = running
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "inference_core_batches", "Batches this gateway is running, by status.", labels=["status"]
+        )
+        statuses = list(self.running().values())
+        for status in ("validating", "in_progress", "finalizing", "cancelling", "expired"):
+            family.add_metric([status], statuses.count(status))
+        yield family
 
 
 class BackendCollector:
