@@ -1,4 +1,5 @@
-"""``inference-core`` (the gateway) and ``inference-core simulate`` (the backend simulator).
+"""``inference-core`` (the gateway), ``inference-core simulate`` (the backend simulator) and
+``inference-core batch`` (a client of the gateway's Batch API).
 
 Every setting is also a flag (``--base-url`` for ``INFERENCE_BASE_URL``); flags win over the
 environment.
@@ -111,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "simulate":
         simulate(argv[1:])
+    elif argv and argv[0] == "batch":
+        from inference_core.batch import command
+
+        command.main(argv[1:])
     else:
         serve(argv)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -211,3 +214,31 @@ def test_sigterm_stops_starting_lines_and_the_batch_resumes_with_none_twice(
         f"line-{i}" for i in range(30)
     )
     assert sim_stats(simulator)["requests"]["/v1/chat/completions"] == 30  # no line sent twice
+
+
+def test_the_batch_command_submits_follows_and_downloads(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
+    gateway = spawn("gateway", simulator.url, data_dir=str(tmp_path / "data"), gateway_api_keys="sk-cli-key")
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(jsonl([chat_line(f"cli-{i}") for i in range(5)] + [chat_line("bad", sim_fault="status=400")]))
+    env = {**os.environ, "OPENAI_BASE_URL": gateway.url + "/v1", "OPENAI_API_KEY": "sk-cli-key"}
+    command = [sys.executable, "-m", "inference_core", "batch", "submit", str(source)]
+    done = subprocess.run(
+        [*command, "--endpoint", "/v1/chat/completions", "--wait", "--output-dir", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    batch_id = done.stdout.splitlines()[0]
+    output = (tmp_path / "out" / f"{batch_id}_output.jsonl").read_bytes().splitlines()
+    errors = (tmp_path / "out" / f"{batch_id}_errors.jsonl").read_bytes().splitlines()
+    assert sorted(orjson.loads(line)["custom_id"] for line in output) == [f"cli-{i}" for i in range(5)]
+    assert [orjson.loads(line)["custom_id"] for line in errors] == ["bad"]
+    status = subprocess.run(
+        [sys.executable, "-m", "inference_core", "batch", "status", batch_id],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status.returncode == 0 and orjson.loads(status.stdout)["status"] == "completed"
+    wrong_key = subprocess.run(
+        [sys.executable, "-m", "inference_core", "batch", "status", batch_id, "--api-key", "sk-other"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert wrong_key.returncode != 0 and "HTTP 401" in wrong_key.stderr
