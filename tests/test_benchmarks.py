@@ -28,3 +28,11 @@ def test_paced_streams_arrive_whole_and_on_time() -> None:
     assert row[0] == "50", output
     gateway_p50 = float(row[3])
     assert 5 < gateway_p50 < 30, f"events 10 ms apart arrived {gateway_p50} ms apart at the median"
+
+
+def test_a_batch_runs_beside_interactive_requests() -> None:
+    """Its short form: the batch completes, and interactive requests are answered while it runs."""
+    output = run_bench("batch_latency.py", "--lines", "200", "--seconds", "3", "--concurrency", "4")
+    assert "batch alone: 200 lines" in output and "'completed': 200, 'failed': 0" in output, output
+    rows = [line for line in output.splitlines() if line.startswith(("| alone", "| with a batch running"))]
+    assert len(rows) == 2 and all(int(row.split("|")[2]) > 0 for row in rows), output
