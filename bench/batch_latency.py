@@ -1,10 +1,10 @@
 """Interactive latency while a batch runs: does batch work take only the idle capacity?
 
-A simulator answers every request after ``--service`` seconds (0.05); the gateway has 40 slots
-and runs batch lines 32 at a time at the batch priority. A client keeps ``--concurrency`` (8)
-interactive chat requests going for ``--seconds`` (20), once alone and once while a batch of
-``--lines`` (5,000) lines runs; it prints the interactive p50 and p99 of both runs, and the
-batch's throughput with nothing else running.
+A simulator answers every request after ``--service`` seconds (0.15, so that the batch outlasts
+the run); the gateway has 40 slots and runs batch lines 32 at a time at the batch priority. A
+client keeps ``--concurrency`` (8) interactive chat requests going for ``--seconds`` (20), once
+alone and once while a batch of ``--lines`` (5,000) lines runs; it prints the interactive p50
+and p99 of both runs, and the batch's throughput with nothing else running.
 
     python bench/batch_latency.py [--lines 5000] [--seconds 20] [--concurrency 8]
 """
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--service", type=float, default=0.05)
+    parser.add_argument("--service", type=float, default=0.15)
     args = parser.parse_args()
     backend, port = free_port(), free_port()
     simulator = start(["simulate", "--port", str(backend)], {}, f"http://127.0.0.1:{backend}/health", core=1)
