@@ -315,15 +315,8 @@ class Routes:
 
     async def file_item(self, request: Request) -> ASGIApp:
         """``GET``/``DELETE /v1/files/{id}`` and ``GET /v1/files/{id}/content``, for the file's owner only."""
-        file_id, slash, action = request.path_params["file_path"].partition("/")
+        file_id, action = _item(request, "file_path", {"": ("GET", "DELETE"), "/content": ("GET",)})
         owner = _owner(request)
-        allowed = {"": ("GET", "DELETE"), "/content": ("GET",)}.get(slash + action)
-        if allowed is None:
-            raise NotFound(f"Invalid URL ({request.method} {request.url.path}).")
-        if request.method not in allowed:
-            refused = MethodNotAllowed(f"Method not allowed ({request.method} {request.url.path}).")
-            refused.headers["allow"] = ", ".join(allowed)
-            raise refused
         missing = NotFound(f"No file with id '{file_id}' exists.", param="file_id")
         if request.method == "DELETE":
             if not await self.files.delete(file_id, owner):
@@ -366,14 +359,7 @@ class Routes:
 
     async def batch_item(self, request: Request) -> ASGIApp:
         """``GET /v1/batches/{id}`` and ``POST /v1/batches/{id}/cancel``, for the batch's owner only."""
-        batch_id, slash, action = request.path_params["batch_path"].partition("/")
-        allowed = {"": ("GET",), "/cancel": ("POST",)}.get(slash + action)
-        if allowed is None:
-            raise NotFound(f"Invalid URL ({request.method} {request.url.path}).")
-        if request.method not in allowed:
-            refused = MethodNotAllowed(f"Method not allowed ({request.method} {request.url.path}).")
-            refused.headers["allow"] = ", ".join(allowed)
-            raise refused
+        batch_id, action = _item(request, "batch_path", {"": ("GET",), "/cancel": ("POST",)})
         owner = _owner(request)
         found = await (self.batches.cancel if action else self.batches.get)(batch_id, owner)
         if found is None:
@@ -466,6 +452,23 @@ def _priority(payload: dict[str, Any], request: Request, tenant: Tenant | None) 
     if value is not None and priority != value:
         return priority, {**payload, "priority": priority}
     return priority, payload
+
+
+def _item(request: Request, parameter: str, actions: dict[str, tuple[str, ...]]) -> tuple[str, str]:
+    """The id and the action in ``.../{id}`` or ``.../{id}/action``, for a method the action allows.
+
+    ``actions`` maps ``""`` or ``"/action"`` to its methods; any other path is 404, another method
+    405 with its ``Allow``.
+    """
+    item, slash, action = request.path_params[parameter].partition("/")
+    allowed = actions.get(slash + action)
+    if allowed is None:
+        raise NotFound(f"Invalid URL ({request.method} {request.url.path}).")
+    if request.method not in allowed:
+        refused = MethodNotAllowed(f"Method not allowed ({request.method} {request.url.path}).")
+        refused.headers["allow"] = ", ".join(allowed)
+        raise refused
+    return item, action
 
 
 def _owner(request: Request) -> str | None:

@@ -122,24 +122,25 @@ def test_batches_belong_to_their_key(spawn: Spawn, simulator: Server, tmp_path: 
             two.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
 
 
-def test_a_killed_gateway_resumes_its_batch_without_sending_a_line_twice(
-    log_dir: Path, spawn: Spawn, tmp_path: Path
-) -> None:
+def interrupted(log_dir: Path, spawn: Spawn, tmp_path: Path, count: int, how: signal.Signals) -> tuple[int, int]:
+    """A batch of ``count`` slow lines, its gateway stopped by ``how`` mid-batch, then started again.
+
+    Returns the lines sent before the stop and in all; checks every ``custom_id`` came back once.
+    """
     simulator = spawn("simulator")
     settings = {"data_dir": str(tmp_path), "batch_max_concurrent": "2"}
     gateway = start_gateway(log_dir, simulator.url, **settings)
-    lines = [chat_line(f"line-{i}", sim_fault="delay=0.1") for i in range(40)]
+    lines = [chat_line(f"line-{i}", sim_fault="delay=0.1") for i in range(count)]
     try:
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
             source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
             batch = client.batches.create(
                 input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
             )
-            time.sleep(1.0)
-        gateway.process.send_signal(signal.SIGKILL)
-        gateway.process.wait()
+            time.sleep(0.8)
+        gateway.process.send_signal(how)
+        assert gateway.process.wait(30) == (0 if how is signal.SIGTERM else -how)  # SIGTERM: a clean exit
         sent_before = sim_stats(simulator)["requests"]["/v1/chat/completions"]
-        assert 0 < sent_before < 40
     finally:
         gateway.stop()
     again = start_gateway(log_dir, simulator.url, **settings)
@@ -149,11 +150,25 @@ def test_a_killed_gateway_resumes_its_batch_without_sending_a_line_twice(
             output = results(client, done.output_file_id)
     finally:
         again.stop()
-    assert done.status == "completed" and sorted(r["custom_id"] for r in output) == sorted(
-        f"line-{i}" for i in range(40)
-    )
-    sent = sim_stats(simulator)["requests"]["/v1/chat/completions"]
+    assert done.status == "completed"
+    assert sorted(r["custom_id"] for r in output) == sorted(line["custom_id"] for line in lines)
+    return sent_before, sim_stats(simulator)["requests"]["/v1/chat/completions"]
+
+
+def test_a_killed_gateway_resumes_its_batch_without_sending_a_line_twice(
+    log_dir: Path, spawn: Spawn, tmp_path: Path
+) -> None:
+    before, sent = interrupted(log_dir, spawn, tmp_path, 40, signal.SIGKILL)
+    assert 0 < before < 40
     assert 40 <= sent <= 40 + 2  # only the lines in flight at the kill (2 at most) ran twice
+
+
+def test_sigterm_stops_starting_lines_and_the_batch_resumes_with_none_twice(
+    log_dir: Path, spawn: Spawn, tmp_path: Path
+) -> None:
+    before, sent = interrupted(log_dir, spawn, tmp_path, 30, signal.SIGTERM)
+    assert 0 < before < 30
+    assert sent == 30  # lines in flight at SIGTERM finished and were recorded: none ran twice
 
 
 def test_batch_routes_refuse_what_they_do_not_know(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
@@ -181,39 +196,6 @@ def test_lines_not_run_when_the_window_closes_expire(spawn: Spawn, simulator: Se
     assert done.status == "expired" and done.expired_at is not None
     assert 0 < len(output) < 12 and {r["error"]["code"] for r in errors} == {"batch_expired"}
     assert sorted(r["custom_id"] for r in output + errors) == sorted(line["custom_id"] for line in lines)
-
-
-def test_sigterm_stops_starting_lines_and_the_batch_resumes_with_none_twice(
-    log_dir: Path, spawn: Spawn, tmp_path: Path
-) -> None:
-    simulator = spawn("simulator")
-    settings = {"data_dir": str(tmp_path), "batch_max_concurrent": "2"}
-    gateway = start_gateway(log_dir, simulator.url, **settings)
-    lines = [chat_line(f"line-{i}", sim_fault="delay=0.1") for i in range(30)]
-    try:
-        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
-            source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-            batch = client.batches.create(
-                input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
-            )
-            time.sleep(0.8)
-        gateway.process.send_signal(signal.SIGTERM)
-        assert gateway.process.wait(30) == 0
-        sent_before = sim_stats(simulator)["requests"]["/v1/chat/completions"]
-        assert 0 < sent_before < 30
-    finally:
-        gateway.stop()
-    again = start_gateway(log_dir, simulator.url, **settings)
-    try:
-        with openai.OpenAI(base_url=again.url + "/v1", api_key="unused", max_retries=0) as client:
-            done = finished(client, batch.id)
-            output = results(client, done.output_file_id)
-    finally:
-        again.stop()
-    assert done.status == "completed" and sorted(r["custom_id"] for r in output) == sorted(
-        f"line-{i}" for i in range(30)
-    )
-    assert sim_stats(simulator)["requests"]["/v1/chat/completions"] == 30  # no line sent twice
 
 
 def test_the_batch_command_submits_follows_and_downloads(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
