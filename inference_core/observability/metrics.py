@@ -3,8 +3,9 @@
 Labels never carry free text: ``endpoint`` is a route template, ``model`` is a model the
 gateway knows (configured, or listed by the backend) or ``other``, ``status_class`` is ``2xx``
 and the like, reasons and kinds come from fixed vocabularies. The registry belongs to one app,
-and one process is the deployment unit: the queue and its limits live in that process, so
-scale out with replicas rather than uvicorn workers (which would each have their own queue).
+and one process is the deployment unit: the queue lives in that process, so scale out with
+replicas rather than uvicorn workers (which would each have their own queue); limits may be
+shared between replicas through Redis.
 """
 
 from __future__ import annotations
