@@ -18,12 +18,13 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message
 
 from inference_core import endpoints, multipart, openapi, protocol
 from inference_core.auth import GatewayKeys, parse_keys, tenant_of
-from inference_core.batch.batches import Batches, shown
+from inference_core.batch.batches import Batches, Deferred, shown
+from inference_core.batch.database import open_database
 from inference_core.batch.store import FileStore, StoredFile
 from inference_core.config import ConfigError, RedisFailure, Settings, load_settings
 from inference_core.config_file import BackendConfig, FleetConfig, load_fleet
@@ -37,6 +38,7 @@ from inference_core.errors import (
     ClientDisconnected,
     Draining,
     GatewayError,
+    InvalidApiKey,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotAllowed,
@@ -326,7 +328,8 @@ class Routes:
         if stored is None:
             raise missing
         if action == "content":
-            return FileResponse(self.files.path(file_id), media_type="application/octet-stream")
+            content, length = self.files.content(file_id), {"content-length": str(stored.bytes)}
+            return StreamingResponse(content, media_type="application/octet-stream", headers=length)
         return JSONBytes(orjson.dumps(stored.openai()))
 
     # OpenAI's Batch API.
@@ -581,15 +584,29 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
     metrics.watch(admission, lambda: engine.fleet)
     health = HealthMonitor(engine, metrics, interval=settings.probe_interval, shutdown_grace=settings.shutdown_grace)
     reloader = Reloader(engine, health, load=lambda: load_fleet(settings), build=build)
-    files = FileStore(settings.data_dir)
+    database = open_database(
+        settings.database_url.get_secret_value() if settings.database_url else None, settings.data_dir
+    )
+    files = FileStore(database, settings.data_dir)
 
-    async def run_line(endpoint: Endpoint, payload: dict[str, Any], raw: bytes, request_id: str) -> tuple[int, bytes]:
-        """One batch line through the engine, at the batch priority, as its owner's key."""
-        call = Call(endpoint, payload, request_id, raw, settings.batch_priority)
+    async def run_line(
+        endpoint: Endpoint, payload: dict[str, Any], raw: bytes, request_id: str, owner: str | None
+    ) -> tuple[int, bytes]:
+        """One batch line through the engine, at the batch priority, under its owner's key and limits."""
+        keys = engine.fleet.keys
+        tenant = keys.tenants.get(owner) if keys is not None and owner is not None else None
         try:
+            if owner is not None and tenant is None:
+                raise InvalidApiKey(f"The key '{owner}' that created this batch is no longer accepted.")
+            priority = max(settings.batch_priority, tenant.config.priority) if tenant else settings.batch_priority
+            call = Call(endpoint, payload, request_id, raw, priority, tenant=tenant)
             return 200, (await engine.complete(call)).body
         except Draining:
             raise  # not the line's answer: the gateway is stopping, and the line runs after the restart
+        except RateLimitExceeded as error:
+            raise Deferred(int(error.headers["retry-after-ms"]) / 1000) from None  # the key's window: wait it out
+        except Overloaded as error:
+            raise Deferred(float(error.headers["retry-after"])) from None  # no room yet: batch work waits
         except GatewayError as error:
             return error.status, error.body()
 
@@ -615,7 +632,7 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
         await health.start()
         if settings.config is not None:
             reloader.watch()
-        await batches.resume()
+        await batches.start()
 
     async def shutdown() -> None:
         await health.stop()
@@ -623,7 +640,7 @@ def create_app(settings: Settings, *, tracer: Tracer | None = None) -> Lifespan:
         if shared is not None:
             await shared.aclose()
         await batches.aclose(grace=settings.shutdown_grace)
-        files.close()
+        database.close()
         for backend in engine.fleet.backends.values():
             await backend.aclose()
 

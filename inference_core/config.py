@@ -147,6 +147,11 @@ class Settings(BaseSettings):
         Path("inference-core-data"),
         description="Folder for uploaded files and their records (SQLite); created on the first upload.",
     )
+    database_url: SecretStr | None = Field(
+        None,
+        description="postgresql://user:password@host/db: files and batches kept in PostgreSQL, shared by "
+        "every gateway on it (unset: SQLite in INFERENCE_DATA_DIR).",
+    )
     batch_max_file_bytes: Annotated[int, Field(ge=1)] = Field(
         200 * 1024 * 1024, description="Largest file accepted by POST /v1/files, in bytes."
     )

@@ -126,6 +126,12 @@ class ClientDisconnected(GatewayError):
     client_may_retry = True
 
 
+class InvalidApiKey(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
 class ModelNotAllowed(GatewayError):
     status = 403
     type = "permission_error"

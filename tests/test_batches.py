@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import MODEL, sim_stats
 from tests.openai_schemas import OpenAISchemas
-from tests.servers import Server, start_gateway
+from tests.servers import Server, start_fleet, start_gateway
 
 Spawn = Callable[..., Server]
 
@@ -120,6 +120,34 @@ def test_batches_belong_to_their_key(spawn: Spawn, simulator: Server, tmp_path: 
         assert list(two.batches.list()) == []
         with pytest.raises(openai.BadRequestError):  # another key's file is no file at all
             two.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def test_lines_count_against_their_keys_limits_and_wait_for_them(
+    log_dir: Path, simulator: Server, tmp_path: Path
+) -> None:
+    """A key allowed 4 requests per 2 s window: its batch of 10 lines waits for windows, none fails."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"limit_window: 2\nmodel: {MODEL}\nbackends:\n  local: {{base_url: {simulator.url}/v1}}\n"
+        "keys:\n  team: {key: sk-team-5c1e, rpm: 4}\n"
+    )
+    gateway = start_fleet(log_dir, config, data_dir=str(tmp_path))
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-team-5c1e", max_retries=0) as client:
+            source = client.files.create(
+                file=("in.jsonl", jsonl([chat_line(f"r{i}") for i in range(10)])), purpose="batch"
+            )
+            started = time.monotonic()
+            batch = client.batches.create(
+                input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            done = finished(client, batch.id)
+            elapsed = time.monotonic() - started
+    finally:
+        gateway.stop()
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (10, 0)
+    assert elapsed >= 1.9  # three windows: 4 lines, 4 lines, 2 lines (unlimited, 10 lines take milliseconds)
 
 
 def interrupted(log_dir: Path, spawn: Spawn, tmp_path: Path, count: int, how: signal.Signals) -> tuple[int, int]:

@@ -1,13 +1,19 @@
 """Batches: OpenAI's Batch API over any backend, each line run through the engine like any request.
 
-A batch's lines and their results live in SQLite beside the files; a line's result is recorded
-before the line counts as done, and output and error files are written from those records at the
-end. So a gateway killed in the middle resumes by itself at start-up: every line already done is
-kept and not sent again; only lines in flight at the moment of the kill run twice.
+A batch's lines and their results live in the database beside the files; a line's result is
+recorded before the line counts as done, and output and error files are written from those
+records at the end. So a gateway killed in the middle loses nothing: whoever runs the batch next
+(the same gateway started again, or with PostgreSQL another replica) sends only the lines not
+recorded; just the lines in flight at the moment of the kill run twice.
+
+Each unfinished batch has a row in ``runs``: the gateway running it and until when its lease
+holds. The runner renews it every third of ``LEASE_SECONDS``; a batch whose lease lapsed is
+taken by the first gateway to notice (within ``LEASE_SECONDS`` and a third). A cancellation is
+a mark on that row, so any replica may take it; the runner reads it with each line it starts.
 
 Lines run at ``INFERENCE_BATCH_PRIORITY`` (a low priority by default), at most
 ``INFERENCE_BATCH_MAX_CONCURRENT`` at once, so batch work takes idle slots and yields them to
-interactive requests.
+interactive requests; a line that cannot run yet (its key's limits, a full queue) waits.
 """
 
 from __future__ import annotations
@@ -16,14 +22,13 @@ import asyncio
 import logging
 import math
 import secrets
-import sqlite3
-import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import IO, Any
 
 import orjson
 
+from inference_core.batch.database import Connection
 from inference_core.batch.store import FileStore, StoredFile
 from inference_core.endpoints import Endpoint
 from inference_core.errors import Draining, InvalidRequest
@@ -32,6 +37,7 @@ log = logging.getLogger("inference_core")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
+    {rowid}
     id TEXT PRIMARY KEY,
     owner TEXT,
     record TEXT NOT NULL
@@ -40,19 +46,47 @@ CREATE TABLE IF NOT EXISTS lines (
     batch_id TEXT NOT NULL,
     line INTEGER NOT NULL,
     custom_id TEXT NOT NULL,
-    body BLOB NOT NULL,
+    body BYTEA NOT NULL,
     status INTEGER,
-    result BLOB,
+    result BYTEA,
     PRIMARY KEY (batch_id, line)
 );
+CREATE TABLE IF NOT EXISTS runs (
+    batch_id TEXT PRIMARY KEY,
+    runner TEXT NOT NULL,
+    lease_until DOUBLE PRECISION NOT NULL,
+    cancel_at BIGINT
+);
 """
+#: A batch record with the cancellation asked for it, if any.
+_RECORD = "SELECT record, cancel_at FROM batches LEFT JOIN runs ON runs.batch_id = batches.id"
 #: A failed validation reports at most this many bad lines.
 MAX_ERRORS = 1000
-#: States in which a batch still has work for its runner ("expired" until its files are written).
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling", "expired")
+#: Seconds a runner's lease on its batch lasts without renewal.
+LEASE_SECONDS = 15.0
+#: Rows read or written at a time when a batch's lines are stored or its results collected.
+_PAGE = 500
+#: Longest pause before a deferred line is tried again (cancellation and expiry are checked between).
+_MAX_DEFER = 5.0
 
-#: Runs one line: the endpoint, the body, a request id; answers (status, body bytes).
-LineRunner = Callable[[Endpoint, dict[str, Any], bytes, str], Awaitable[tuple[int, bytes]]]
+#: Runs one line: the endpoint, the body, its bytes, a request id, the owner; answers (status, body bytes).
+LineRunner = Callable[[Endpoint, dict[str, Any], bytes, str, str | None], Awaitable[tuple[int, bytes]]]
+
+
+class Deferred(Exception):
+    """Raised by a ``LineRunner`` for a line that cannot run yet: it is tried again after ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class _Invalid(Exception):
+    """The input has bad lines: what validation stored is rolled back."""
+
+    def __init__(self, errors: list[dict[str, object]]) -> None:
+        super().__init__(len(errors))
+        self.errors = errors
 
 
 class Batches:
@@ -68,58 +102,70 @@ class Batches:
         max_lines: int,
         max_concurrent: int,
         window: float,
+        lease: float = LEASE_SECONDS,
     ) -> None:
         self.files = files
+        self.database = files.database
         self.endpoints = endpoints
         self.run_line = run_line
         self.routable = routable
         self.max_lines = max_lines
         self.max_concurrent = max_concurrent
         self.window = window
+        self.lease = lease
+        #: This gateway, as the runner named in the leases it holds.
+        self.runner = secrets.token_hex(8)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancelled: set[str] = set()
+        self._keeper: asyncio.Task[None] | None = None
         #: The batches this gateway is running, by id: their status (for metrics and /health).
         self.running: dict[str, str] = {}
         #: Called with "completed" or "failed" as each line's result is recorded.
         self.on_line: Callable[[str], None] | None = None
-        files.schema(_SCHEMA)
+        self.database.schema(_SCHEMA)
 
     # Records.
 
     async def _save(self, record: dict[str, Any], owner: str | None) -> None:
-        if _unfinished(record):
-            self.running[record["id"]] = record["status"]
-        else:
+        """Store the record; a finished batch's run (its lease) ends with it."""
+        finished = record["status"] in ("completed", "failed", "cancelled") or bool(record["expired_at"])
+        if finished:
             self.running.pop(record["id"], None)
+        else:
+            self.running[record["id"]] = record["status"]
 
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO batches (id, owner, record) VALUES (?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET record = excluded.record",
-                (record["id"], owner, orjson.dumps(record)),
-            )
+        def write(db: Connection) -> None:
+            with db.transaction():
+                db.execute(
+                    "INSERT INTO batches (id, owner, record) VALUES (?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+                    (record["id"], owner, orjson.dumps(record).decode()),
+                )
+                if finished:
+                    db.execute("DELETE FROM runs WHERE batch_id = ?", (record["id"],))
 
-        await self.files.run(write)
+        await self.database.run(write)
 
     async def get(self, batch_id: str, owner: str | None) -> dict[str, Any] | None:
-        def read(db: sqlite3.Connection) -> dict[str, Any] | None:
-            row = db.execute("SELECT record FROM batches WHERE id = ? AND owner IS ?", (batch_id, owner)).fetchone()
-            return _live(db, row[0]) if row else None
+        def read(db: Connection) -> dict[str, Any] | None:
+            query = f"{_RECORD} WHERE id = ? AND owner IS NOT DISTINCT FROM ?"
+            row = db.execute(query, (batch_id, owner)).fetchone()
+            return _live(db, *row) if row else None
 
-        return await self.files.run(read)
+        return await self.database.run(read)
 
     async def page(self, owner: str | None, *, after: str | None, limit: int) -> list[dict[str, Any]]:
         """The owner's batches, newest first, after the batch ``after``."""
 
-        def read(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            where, args = "owner IS ?", [owner]
+        def read(db: Connection) -> list[dict[str, Any]]:
+            where, args = "owner IS NOT DISTINCT FROM ?", [owner]
             if after is not None:
-                where += " AND rowid < (SELECT rowid FROM batches WHERE id = ?)"
+                where += " AND batches.rowid < (SELECT rowid FROM batches WHERE id = ?)"
                 args.append(after)
-            rows = db.execute(f"SELECT record FROM batches WHERE {where} ORDER BY rowid DESC LIMIT ?", (*args, limit))
-            return [_live(db, row[0]) for row in rows]
+            rows = db.execute(f"{_RECORD} WHERE {where} ORDER BY batches.rowid DESC LIMIT ?", (*args, limit)).fetchall()
+            return [_live(db, *row) for row in rows]
 
-        return await self.files.run(read)
+        return await self.database.run(read)
 
     # Life cycle.
 
@@ -158,46 +204,102 @@ class Batches:
             "request_counts": {"total": 0, "completed": 0, "failed": 0},
             "metadata": metadata,
         }
+        lease = (record["id"], self.runner, time.time() + self.lease)
+        await self.database.run(lambda db: db.execute("INSERT INTO runs VALUES (?, ?, ?, NULL)", lease))
         await self._save(record, owner)
         self._start(record["id"], owner)
         return record
 
     async def cancel(self, batch_id: str, owner: str | None) -> dict[str, Any] | None:
-        record = await self.get(batch_id, owner)
-        if record is None or record["status"] not in ("validating", "in_progress"):
-            return record
-        record |= {"status": "cancelling", "cancelling_at": int(time.time())}
-        await self._save(record, owner)
-        self._cancelled.add(batch_id)
+        """Mark the batch cancelled; its runner, on whichever gateway, starts no line after that."""
+
+        def mark(db: Connection) -> dict[str, Any] | None:
+            query = f"{_RECORD} WHERE id = ? AND owner IS NOT DISTINCT FROM ?"
+            row = db.execute(query, (batch_id, owner)).fetchone()
+            if row is None:
+                return None
+            if orjson.loads(row[0])["status"] in ("validating", "in_progress"):
+                marked = "UPDATE runs SET cancel_at = ? WHERE batch_id = ? AND cancel_at IS NULL"
+                db.execute(marked, (int(time.time()), batch_id))
+                row = db.execute(query, (batch_id, owner)).fetchone()
+            return _live(db, *row)
+
+        record = await self.database.run(mark)
+        if record is not None and record["status"] == "cancelling":
+            self._cancelled.add(batch_id)
         return record
 
-    async def resume(self) -> None:
-        """Start a runner for every batch a previous run of the gateway left unfinished."""
-
-        def read(db: sqlite3.Connection) -> list[tuple[str, str | None]]:
-            rows = db.execute("SELECT id, owner, record FROM batches").fetchall()
-            return [(row[0], row[1]) for row in rows if _unfinished(orjson.loads(row[2]))]
-
-        if not self.files.exists():
-            return
-        for batch_id, owner in await self.files.run(read):
-            log.info("batch resumed", extra={"fields": {"batch": batch_id}})
-            self._start(batch_id, owner)
+    async def start(self) -> None:
+        """Take up the batches left unfinished, then keep leases renewed and look for lapsed ones."""
+        if not self.database.shared and self.database.exists():
+            # The data directory is this gateway's alone: leases in it are a previous run's.
+            await self.database.run(lambda db: db.execute("UPDATE runs SET lease_until = 0"))
+        self._keeper = asyncio.create_task(self._keep())
 
     async def aclose(self, *, grace: float) -> None:
         """Let runners record the lines they have in flight (the gateway is draining: no new line
-        starts), for at most ``grace`` seconds, then stop them."""
+        starts), for at most ``grace`` seconds, then stop them and give up their leases at once."""
+        if self._keeper is not None:
+            self._keeper.cancel()
         tasks = list(self._tasks.values())
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.database.exists():
+            released = "UPDATE runs SET lease_until = 0 WHERE runner = ?"
+            await self.database.run(lambda db: db.execute(released, (self.runner,)))
 
     def _start(self, batch_id: str, owner: str | None) -> None:
         task = asyncio.create_task(self._run(batch_id, owner))
         self._tasks[batch_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(batch_id, None))
+
+    # Leases.
+
+    async def _keep(self) -> None:
+        while True:
+            if self.database.exists():
+                try:
+                    await self._renew()
+                except Exception as exc:  # the database is unreachable: runners go on, and so does this
+                    log.warning("batch leases not renewed", extra={"fields": {"error": type(exc).__name__}})
+            await asyncio.sleep(self.lease / 3)
+
+    async def _renew(self) -> None:
+        """Renew this gateway's leases, learn of cancellations and lost leases, take lapsed batches."""
+        held = set(self._tasks)
+
+        def work(db: Connection) -> tuple[list[str], list[str], list[tuple[str, str | None]]]:
+            now = time.time()
+            if held:
+                marks = ", ".join("?" * len(held))
+                renew = f"UPDATE runs SET lease_until = ? WHERE runner = ? AND batch_id IN ({marks})"
+                db.execute(renew, (now + self.lease, self.runner, *held))
+            claim = "UPDATE runs SET runner = ?, lease_until = ? WHERE batch_id = ? AND lease_until < ?"
+            lost, cancelled, taken = [], [], []
+            runs = "SELECT batch_id, owner, runner, lease_until, cancel_at FROM runs JOIN batches ON id = batch_id"
+            for batch_id, owner, runner, lease_until, cancel_at in db.execute(runs).fetchall():
+                if batch_id in held:
+                    if runner != self.runner:
+                        lost.append(batch_id)
+                    elif cancel_at is not None:
+                        cancelled.append(batch_id)
+                elif lease_until < now and db.execute(claim, (self.runner, now + self.lease, batch_id, now)).rowcount:
+                    taken.append((batch_id, owner))
+            return lost, cancelled, taken
+
+        lost, cancelled, taken = await self.database.run(work)
+        self._cancelled.update(cancelled)
+        for batch_id in lost:
+            if (task := self._tasks.get(batch_id)) is not None:
+                log.warning("batch lease lost", extra={"fields": {"batch": batch_id}})
+                task.cancel()  # another gateway runs it now
+                self.running.pop(batch_id, None)
+        for batch_id, owner in taken:
+            log.info("batch resumed", extra={"fields": {"batch": batch_id}})
+            self._start(batch_id, owner)
 
     # The runner.
 
@@ -206,7 +308,7 @@ class Batches:
             record = await self.get(batch_id, owner)
             assert record is not None
             if record["status"] == "cancelling":
-                self._cancelled.add(batch_id)  # cancelled before a restart: stays cancelled
+                self._cancelled.add(batch_id)  # cancelled before this runner took the batch
             if record["status"] == "validating":
                 record = await self._validate(record, owner)
             if record["status"] in ("in_progress", "cancelling"):
@@ -222,21 +324,20 @@ class Batches:
 
     async def _validate(self, record: dict[str, Any], owner: str | None) -> dict[str, Any]:
         """Read the input, as OpenAI validates it: any bad line fails the whole batch, and nothing is sent."""
-        path = self.files.path(record["input_file_id"])
-        endpoint = record["endpoint"]
+        batch_id, endpoint = record["id"], record["endpoint"]
 
-        def parse(db: sqlite3.Connection) -> list[dict[str, object]]:
+        def parse(db: Connection) -> list[dict[str, object]]:
             """Every line checked and stored in one transaction, kept only if no line is wrong.
 
-            Read and written line by line: the input is never whole in memory.
+            Read and written a page at a time: the input is never whole in memory.
             """
             errors: list[dict[str, object]] = []
             seen: set[str] = set()
-            insert = "INSERT OR IGNORE INTO lines (batch_id, line, custom_id, body) VALUES (?, ?, ?, ?)"
-            db.execute("BEGIN")
+            page: list[tuple[object, ...]] = []
+            insert = "INSERT INTO lines (batch_id, line, custom_id, body) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
             try:
-                with path.open("rb") as source:
-                    for number, raw in enumerate(source, 1):
+                with db.transaction():
+                    for number, raw in enumerate(_split(self.database.chunks(db, record["input_file_id"])), 1):
                         if not raw.strip():
                             continue
                         problem = _problem(raw, endpoint, seen, self.routable)
@@ -248,21 +349,29 @@ class Batches:
                                 break
                             continue
                         request = orjson.loads(raw)
-                        db.execute(insert, (record["id"], number, request["custom_id"], orjson.dumps(request["body"])))
-                if not errors and not seen:
-                    errors.append({"code": "empty_file", "message": "The input file has no lines.", "param": None})
-            finally:
-                db.execute("ROLLBACK" if errors else "COMMIT")
+                        page.append((batch_id, number, request["custom_id"], orjson.dumps(request["body"])))
+                        if len(page) == _PAGE:
+                            db.executemany(insert, page)
+                            page.clear()
+                    if not errors and not seen:
+                        errors.append({"code": "empty_file", "message": "The input file has no lines.", "param": None})
+                    if errors:
+                        raise _Invalid(errors)
+                    if page:
+                        db.executemany(insert, page)
+            except _Invalid:
+                pass
             return errors
 
-        errors = await self.files.run(parse)
+        errors = await self.database.run(parse)
         now = int(time.time())
+        latest = await self.get(batch_id, owner) or record
         if errors:
             record |= {"status": "failed", "failed_at": now, "errors": {"object": "list", "data": errors}}
-        elif record["id"] in self._cancelled:
-            record |= {"status": "cancelling"}
+        elif latest["status"] == "cancelling":
+            record = latest
         else:
-            counts = await self._counts(record["id"])
+            counts = await self._counts(batch_id)
             record |= {"status": "in_progress", "in_progress_at": now, "request_counts": counts}
         await self._save(record, owner)
         return record
@@ -270,33 +379,34 @@ class Batches:
     async def _pending(self, batch_id: str) -> list[int]:
         """The numbers of the lines not done yet (their bodies are read one at a time, when run)."""
 
-        def read(db: sqlite3.Connection) -> list[int]:
+        def read(db: Connection) -> list[int]:
             query = "SELECT line FROM lines WHERE batch_id = ? AND status IS NULL ORDER BY line"
             return [row[0] for row in db.execute(query, (batch_id,))]
 
-        return await self.files.run(read)
+        return await self.database.run(read)
 
-    async def _line(self, batch_id: str, number: int) -> bytes:
-        def read(db: sqlite3.Connection) -> bytes:
-            query = "SELECT body FROM lines WHERE batch_id = ? AND line = ?"
-            body: bytes = db.execute(query, (batch_id, number)).fetchone()[0]
-            return body
+    async def _line(self, batch_id: str, number: int) -> tuple[bytes, bool]:
+        """A line's body, and whether the batch was cancelled meanwhile (through any gateway)."""
 
-        return await self.files.run(read)
+        def read(db: Connection) -> tuple[bytes, bool]:
+            query = "SELECT body, cancel_at FROM lines LEFT JOIN runs USING (batch_id) WHERE batch_id = ? AND line = ?"
+            body, cancel_at = db.execute(query, (batch_id, number)).fetchone()
+            return bytes(body), cancel_at is not None
+
+        return await self.database.run(read)
 
     async def _record(self, batch_id: str, number: int, status: int, result: bytes) -> None:
         """A line's result, kept before the line counts as done (what makes a resume exactly-once)."""
 
-        def write(db: sqlite3.Connection) -> None:
-            query = "UPDATE lines SET status = ?, result = ? WHERE batch_id = ? AND line = ?"
-            db.execute(query, (status, result, batch_id, number))
+        def write(db: Connection) -> int:
+            query = "UPDATE lines SET status = ?, result = ? WHERE batch_id = ? AND line = ? AND status IS NULL"
+            return db.execute(query, (status, result, batch_id, number)).rowcount
 
-        await self.files.run(write)
-        if self.on_line is not None:
+        if await self.database.run(write) and self.on_line is not None:
             self.on_line("completed" if status < 300 else "failed")
 
     async def _counts(self, batch_id: str) -> dict[str, int]:
-        return await self.files.run(lambda db: _counted(db, batch_id))
+        return await self.database.run(lambda db: _counted(db, batch_id))
 
     async def _execute(self, record: dict[str, Any], owner: str | None) -> dict[str, Any]:
         batch_id = record["id"]
@@ -307,17 +417,24 @@ class Batches:
         stopping = False
 
         async def worker() -> None:
+            nonlocal stopping
             for number in numbers:
-                if batch_id in self._cancelled or time.time() >= expires_at:
-                    return
-                body = await self._line(batch_id, number)
-                try:
-                    status, result = await self.run_line(endpoint, orjson.loads(body), body, f"{batch_id}-{number}")
-                except Draining:
-                    nonlocal stopping
-                    stopping = True  # the line stays to do: the batch resumes when the gateway starts again
-                    return
-
+                body, cancelled = await self._line(batch_id, number)
+                if cancelled:
+                    self._cancelled.add(batch_id)
+                while True:
+                    if batch_id in self._cancelled or time.time() >= expires_at:
+                        return
+                    try:
+                        status, result = await self.run_line(
+                            endpoint, orjson.loads(body), body, f"{batch_id}-{number}", owner
+                        )
+                        break
+                    except Deferred as later:
+                        await asyncio.sleep(min(later.seconds, _MAX_DEFER))
+                    except Draining:
+                        stopping = True  # the line stays to do: the batch resumes when the gateway starts again
+                        return
                 await self._record(batch_id, number, status, result)
 
         await asyncio.gather(*(worker() for _ in range(self.max_concurrent)))
@@ -343,29 +460,29 @@ class Batches:
             else {"code": "batch_cancelled", "message": "The batch was cancelled before this line ran."}
         )
 
-        def collect(db: sqlite3.Connection, output: IO[bytes], errors: IO[bytes]) -> None:
-            """Both files written a row at a time (to temporary files on disk, never to memory)."""
-            rows = db.execute(
-                "SELECT line, custom_id, status, result FROM lines WHERE batch_id = ? ORDER BY line", (batch_id,)
-            )
-            for number, custom_id, status, result in rows:
-                entry: dict[str, Any] = {"id": f"batch_req_{batch_id[6:]}_{number}", "custom_id": custom_id}
-                if status is None:
-                    entry |= {"response": None, "error": unrun}
-                    errors.write(orjson.dumps(entry) + b"\n")
-                    continue
-                entry["response"] = {
-                    "status_code": status,
-                    "request_id": f"{batch_id}-{number}",
-                    "body": orjson.loads(result),
-                }
-                entry["error"] = None
-                (output if status < 300 else errors).write(orjson.dumps(entry) + b"\n")
+        def collect(db: Connection, output: IO[bytes], errors: IO[bytes]) -> None:
+            """Both files written a page of rows at a time (to temporary files on disk, never to memory)."""
+            query = "SELECT line, custom_id, status, result FROM lines WHERE batch_id = ? AND line > ? ORDER BY line"
+            last = 0
+            while rows := db.execute(f"{query} LIMIT {_PAGE}", (batch_id, last)).fetchall():
+                for number, custom_id, status, result in rows:
+                    entry: dict[str, Any] = {"id": f"batch_req_{batch_id[6:]}_{number}", "custom_id": custom_id}
+                    if status is None:
+                        entry |= {"response": None, "error": unrun}
+                        errors.write(orjson.dumps(entry) + b"\n")
+                        continue
+                    entry["response"] = {
+                        "status_code": status,
+                        "request_id": f"{batch_id}-{number}",
+                        "body": orjson.loads(result),
+                    }
+                    entry["error"] = None
+                    (output if status < 300 else errors).write(orjson.dumps(entry) + b"\n")
+                last = rows[-1][0]
 
         stored: dict[str, StoredFile | None] = {"output_file_id": None, "error_file_id": None}
-        folder = self.files.folder
-        with tempfile.TemporaryFile(dir=folder) as output, tempfile.TemporaryFile(dir=folder) as errors:
-            await self.files.run(lambda db: collect(db, output, errors))
+        with self.files.scratch() as output, self.files.scratch() as errors:
+            await self.database.run(lambda db: collect(db, output, errors))
             for key, content, name in (("output_file_id", output, "output"), ("error_file_id", errors, "errors")):
                 if content.tell():
                     content.seek(0)
@@ -377,23 +494,33 @@ class Batches:
         await self._save(record, owner)
 
 
-def _counted(db: sqlite3.Connection, batch_id: str) -> dict[str, int]:
+def _split(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of a file given in chunks (a line may span chunks)."""
+    rest = b""
+    for chunk in chunks:
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _counted(db: Connection, batch_id: str) -> dict[str, int]:
     """The batch's ``request_counts``, from its lines as they stand."""
-    query = "SELECT count(*), count(status), sum(status >= 300) FROM lines WHERE batch_id = ?"
+    failed = "sum(CASE WHEN status >= 300 THEN 1 ELSE 0 END)"
+    query = f"SELECT count(*), count(status), {failed} FROM lines WHERE batch_id = ?"
     total, done, failed = db.execute(query, (batch_id,)).fetchone()
-    return {"total": total, "completed": done - (failed or 0), "failed": failed or 0}
+    return {"total": total, "completed": done - (failed or 0), "failed": int(failed or 0)}
 
 
-def _live(db: sqlite3.Connection, stored: bytes) -> dict[str, Any]:
-    """A stored batch record, its counts brought up to date while its lines run."""
+def _live(db: Connection, stored: str, cancel_at: int | None) -> dict[str, Any]:
+    """A stored batch record as it stands: cancelling once asked, its counts up to date while it runs."""
     record: dict[str, Any] = orjson.loads(stored)
+    if cancel_at is not None and record["status"] in ("validating", "in_progress"):
+        record |= {"status": "cancelling", "cancelling_at": cancel_at}
     if record["status"] in ("in_progress", "cancelling", "finalizing"):
         record["request_counts"] = _counted(db, record["id"])
     return record
-
-
-def _unfinished(record: dict[str, Any]) -> bool:
-    return record["status"] in ACTIVE and not record["expired_at"]
 
 
 def shown(record: dict[str, Any]) -> dict[str, Any]:

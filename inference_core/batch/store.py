@@ -1,38 +1,36 @@
-"""Files kept by the gateway: their records in SQLite, their bytes on disk, under ``INFERENCE_DATA_DIR``.
+"""Files kept by the gateway: their records and bytes in its database (``batch.database``).
 
-SQLite is embedded (no server to run) and durable; its calls block, so they run on one thread
-of their own, which also serialises them. Nothing is created until the first file arrives, so a
-gateway that never stores a file needs no writable folder (the container runs read-only).
+Nothing is created until the first file arrives, so a gateway that never stores a file needs
+no writable folder (the container runs read-only).
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
+import itertools
 import secrets
-import shutil
-import sqlite3
+import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO
 
-T = TypeVar("T")
+from inference_core.batch.database import Connection, Database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
+    {rowid}
     id TEXT PRIMARY KEY,
     owner TEXT,
     purpose TEXT NOT NULL,
     filename TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
+    bytes BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS files_by_owner ON files (owner);
 """
 _COLUMNS = "id, owner, purpose, filename, bytes, created_at"
-DATABASE = "gateway.sqlite3"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,47 +56,26 @@ class StoredFile:
 
 
 class FileStore:
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="file-store")
-        self._db: sqlite3.Connection | None = None
-        self._schemas = [_SCHEMA]
+    def __init__(self, database: Database, scratch: Path) -> None:
+        self.database = database
+        self.run = database.run
+        self._scratch = scratch
+        database.schema(_SCHEMA)
 
-    def schema(self, script: str) -> None:
-        """More tables in the same database (the batches'), created with it."""
-        self._schemas.append(script)
-
-    def exists(self) -> bool:
-        """Whether anything was ever stored (without creating the folder)."""
-        return (self.folder / DATABASE).exists()
-
-    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """``work`` on the database, on the store's own thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: work(self._connection()))
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None:
-            (self.folder / "files").mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.folder / DATABASE, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            for script in self._schemas:
-                self._db.executescript(script)
-        return self._db
-
-    def path(self, file_id: str) -> Path:
-        return self.folder / "files" / file_id
+    def scratch(self) -> IO[bytes]:
+        """A temporary file in the data directory (the root file system may be read-only)."""
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryFile(dir=self._scratch)
 
     async def add(self, source: IO[bytes], *, owner: str | None, purpose: str, filename: str) -> StoredFile:
-        """Copy ``source`` to disk and record it; the copy is written whole before it is listed."""
+        """Keep ``source`` and record it, in one transaction: a file is listed only once whole."""
         file_id = "file-" + secrets.token_hex(12)
 
-        def write(db: sqlite3.Connection) -> StoredFile:
-            partial = self.path(file_id).with_suffix(".partial")
-            with partial.open("wb") as target:
-                shutil.copyfileobj(source, target, 1024 * 1024)
-            partial.rename(self.path(file_id))
-            stored = StoredFile(file_id, owner, purpose, filename, self.path(file_id).stat().st_size, int(time.time()))
-            db.execute(f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", _row(stored))
+        def write(db: Connection) -> StoredFile:
+            with db.transaction():
+                size = self.database.write(db, file_id, source)
+                stored = StoredFile(file_id, owner, purpose, filename, size, int(time.time()))
+                db.execute(f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", _row(stored))
             return stored
 
         return await self.run(write)
@@ -106,20 +83,29 @@ class FileStore:
     async def get(self, file_id: str, owner: str | None) -> StoredFile | None:
         """The file, if it exists and belongs to ``owner`` (another key's files do not exist for it)."""
 
-        def read(db: sqlite3.Connection) -> StoredFile | None:
-            row = db.execute(f"SELECT {_COLUMNS} FROM files WHERE id = ? AND owner IS ?", (file_id, owner)).fetchone()
+        def read(db: Connection) -> StoredFile | None:
+            query = f"SELECT {_COLUMNS} FROM files WHERE id = ? AND owner IS NOT DISTINCT FROM ?"
+            row = db.execute(query, (file_id, owner)).fetchone()
             return StoredFile(*row) if row else None
 
         return await self.run(read)
+
+    async def content(self, file_id: str) -> AsyncIterator[bytes]:
+        """The file's bytes, a chunk at a time."""
+        for index in itertools.count():
+            chunk = await self.run(functools.partial(self.database.read, file_id=file_id, index=index))
+            if not chunk:
+                return
+            yield chunk
 
     async def page(
         self, owner: str | None, *, purpose: str | None, after: str | None, limit: int, newest_first: bool
     ) -> list[StoredFile]:
         """A page of ``owner``'s files in the order they came (rowid), starting after the file ``after``."""
 
-        def read(db: sqlite3.Connection) -> list[StoredFile]:
+        def read(db: Connection) -> list[StoredFile]:
             order = "DESC" if newest_first else "ASC"
-            where, args = ["owner IS ?"], [owner]
+            where, args = ["owner IS NOT DISTINCT FROM ?"], [owner]
             if purpose is not None:
                 where.append("purpose = ?")
                 args.append(purpose)
@@ -132,18 +118,15 @@ class FileStore:
         return await self.run(read)
 
     async def delete(self, file_id: str, owner: str | None) -> bool:
-        def remove(db: sqlite3.Connection) -> bool:
-            deleted = db.execute("DELETE FROM files WHERE id = ? AND owner IS ?", (file_id, owner)).rowcount
-            if deleted:
-                self.path(file_id).unlink(missing_ok=True)
+        def remove(db: Connection) -> bool:
+            with db.transaction():
+                query = "DELETE FROM files WHERE id = ? AND owner IS NOT DISTINCT FROM ?"
+                deleted = db.execute(query, (file_id, owner)).rowcount
+                if deleted:
+                    self.database.remove(db, file_id)
             return bool(deleted)
 
         return await self.run(remove)
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)
-        if self._db is not None:
-            self._db.close()
 
 
 def _row(stored: StoredFile) -> tuple[object, ...]:
