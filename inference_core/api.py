@@ -48,7 +48,6 @@ from inference_core.errors import (
     PayloadTooLarge,
     RateLimitExceeded,
     RequestTimeout,
-    StorageUnavailable,
 )
 from inference_core.health import STALE_AFTER_INTERVALS, HealthMonitor
 from inference_core.observability import Metrics, RequestContext, configure_logging, record_of
@@ -302,12 +301,7 @@ class Routes:
                 raise InvalidRequest("The form needs a 'file' part holding the file.", param="file")
             if purpose != "batch":
                 raise InvalidRequest("'purpose' must be 'batch' (the files the Batch API reads).", param="purpose")
-            try:
-                stored = await self.files.add(upload.file, owner=owner, purpose=purpose, filename=upload.filename or "")
-            except OSError as exc:
-                raise StorageUnavailable(
-                    f"The gateway cannot write its data directory (INFERENCE_DATA_DIR): {exc.strerror}."
-                ) from None
+            stored = await self.files.add(upload.file, owner=owner, purpose=purpose, filename=upload.filename or "")
         finally:
             await form.close()
         if stored.bytes > limit:

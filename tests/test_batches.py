@@ -150,6 +150,37 @@ def test_lines_count_against_their_keys_limits_and_wait_for_them(
     assert elapsed >= 1.9  # three windows: 4 lines, 4 lines, 2 lines (unlimited, 10 lines take milliseconds)
 
 
+def test_a_200_mb_input_runs_with_the_gateways_memory_bounded(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
+    gateway = spawn("gateway", simulator.url, data_dir=str(tmp_path / "data"))
+    assert run_200_mb(gateway, tmp_path) < 100
+
+
+def run_200_mb(gateway: Server, tmp_path: Path) -> float:
+    """2,000 lines of 100 kB uploaded, validated, run and written out; the growth of the gateway's peak RSS in MB."""
+    before = peak_rss_mb(gateway.process.pid)
+    source = tmp_path / "big.jsonl"
+    with source.open("wb") as target:
+        for i in range(2000):
+            line = orjson.dumps(chat_line(f"big-{i}", messages=[{"role": "user", "content": "x" * 99_800}]))
+            target.write(line + b"\n")
+    assert 199_000_000 < source.stat().st_size <= 200_000_000
+    with source.open("rb") as upload, openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused") as client:
+        stored = client.files.create(file=("big.jsonl", upload), purpose="batch")
+        batch = client.batches.create(input_file_id=stored.id, endpoint="/v1/chat/completions", completion_window="24h")
+        done = finished(client, batch.id, seconds=600)
+        output = results(client, done.output_file_id)
+    assert stored.bytes == source.stat().st_size and done.status == "completed"
+    assert sorted(r["custom_id"] for r in output) == sorted(f"big-{i}" for i in range(2000))
+    return peak_rss_mb(gateway.process.pid) - before
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
 def interrupted(log_dir: Path, spawn: Spawn, tmp_path: Path, count: int, how: signal.Signals) -> tuple[int, int]:
     """A batch of ``count`` slow lines, its gateway stopped by ``how`` mid-batch, then started again.
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import openai
 import pytest
 
-from tests.conftest import sim_stats
+from tests.conftest import MODEL, sim_stats
 from tests.postgres import PostgreSQL
-from tests.servers import Server
-from tests.test_batches import chat_line, finished, jsonl, results
+from tests.servers import Server, free_port
+from tests.test_batches import chat_line, finished, jsonl, results, run_200_mb
 
 Spawn = Callable[..., Server]
 
@@ -70,6 +71,13 @@ def test_a_batch_is_cancelled_through_another_replica(spawn: Spawn, simulator: S
     assert sorted(r["custom_id"] for r in output + errors) == sorted(line["custom_id"] for line in lines)
 
 
+def test_a_200_mb_input_streams_through_postgresql(
+    spawn: Spawn, simulator: Server, postgres: PostgreSQL, tmp_path: Path
+) -> None:
+    gateway = spawn("gateway", simulator.url, database_url=postgres.database())
+    assert run_200_mb(gateway, tmp_path) < 100  # the file in 1 MiB chunks, lines and results a page at a time
+
+
 def handed_over(spawn: Spawn, postgres: PostgreSQL, how: signal.Signals, count: int) -> tuple[int, int, float]:
     """A batch of ``count`` slow lines run by one replica, stopped by ``how`` mid-batch; the other takes over.
 
@@ -109,3 +117,18 @@ def test_a_stopped_replica_hands_its_batch_over_with_no_line_twice(spawn: Spawn,
     assert 0 < before < 40
     assert sent == 40  # the lines in flight finished and were recorded before the lease was given up
     assert taken_over < 15  # the lease was given up: no waiting for it to lapse
+
+
+def test_an_unreachable_database_answers_503_and_never_shows_its_password(spawn: Spawn, simulator: Server) -> None:
+    gateway = spawn("gateway", simulator.url, database_url=f"postgresql://app:pw-9f3e1@127.0.0.1:{free_port()}/db")
+    with client(gateway) as sdk:
+        with pytest.raises(openai.InternalServerError) as refused:
+            sdk.files.create(file=("in.jsonl", jsonl([chat_line("x")])), purpose="batch")
+        assert refused.value.status_code == 503
+        assert refused.value.body["code"] == "storage_unavailable"  # type: ignore[index]
+        with pytest.raises(openai.InternalServerError):
+            sdk.batches.list()
+        assert sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}]).choices
+    time.sleep(0.5)  # the lease keeper has tried the database by now
+    gateway.stop()
+    assert "pw-9f3e1" not in gateway.output and "storage_unavailable" in gateway.output

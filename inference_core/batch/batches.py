@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import orjson
 
-from inference_core.batch.database import Connection
+from inference_core.batch.database import CHUNK_BYTES, Connection
 from inference_core.batch.store import FileStore, StoredFile
 from inference_core.endpoints import Endpoint
 from inference_core.errors import Draining, InvalidRequest
@@ -334,6 +334,7 @@ class Batches:
             errors: list[dict[str, object]] = []
             seen: set[str] = set()
             page: list[tuple[object, ...]] = []
+            held = 0  # bytes in the page: lines may be large
             insert = "INSERT INTO lines (batch_id, line, custom_id, body) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
             try:
                 with db.transaction():
@@ -350,9 +351,11 @@ class Batches:
                             continue
                         request = orjson.loads(raw)
                         page.append((batch_id, number, request["custom_id"], orjson.dumps(request["body"])))
-                        if len(page) == _PAGE:
+                        held += len(raw)
+                        if len(page) == _PAGE or held > CHUNK_BYTES:
                             db.executemany(insert, page)
                             page.clear()
+                            held = 0
                     if not errors and not seen:
                         errors.append({"code": "empty_file", "message": "The input file has no lines.", "param": None})
                     if errors:

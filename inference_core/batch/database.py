@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
+from inference_core.errors import StorageUnavailable
+
 T = TypeVar("T")
 #: How much of a file is read, written or relayed at a time.
 CHUNK_BYTES = 1024 * 1024
@@ -72,16 +74,24 @@ class Database:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._call, work)
 
     def _call(self, work: Callable[[Connection], T]) -> T:
-        if self._connection is None:
-            self._connection = self._connect()
         try:
+            if self._connection is None:
+                self._connection = self._connect()
             return work(self._connection)
-        except Exception:
+        except self._failures() as exc:
             if self._broken():
                 self._connection = None  # connect again on the next call
-            raise
+            raise StorageUnavailable(self._unavailable(exc)) from None
 
     def _connect(self) -> Connection:
+        raise NotImplementedError
+
+    def _failures(self) -> tuple[type[Exception], ...]:
+        """The driver's errors that say the database cannot be used now (not that a query is wrong)."""
+        raise NotImplementedError
+
+    def _unavailable(self, exc: Exception) -> str:
+        """What the client is told (never the connection's details, which may hold a password)."""
         raise NotImplementedError
 
     def _broken(self) -> bool:
@@ -119,6 +129,13 @@ class SQLite(Database):
 
     def exists(self) -> bool:
         return (self.folder / DATABASE).exists()
+
+    def _failures(self) -> tuple[type[Exception], ...]:
+        return OSError, sqlite3.OperationalError
+
+    def _unavailable(self, exc: Exception) -> str:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        return f"The gateway cannot write its data directory (INFERENCE_DATA_DIR): {reason}."
 
     def _connect(self) -> Connection:
         (self.folder / "files").mkdir(parents=True, exist_ok=True)
@@ -205,6 +222,14 @@ class Postgres(Database):
             for script in self._schemas:
                 connection.execute(script.format(rowid=rowid))
         return _PostgresConnection(connection)
+
+    def _failures(self) -> tuple[type[Exception], ...]:
+        import psycopg
+
+        return (psycopg.OperationalError,)
+
+    def _unavailable(self, exc: Exception) -> str:
+        return "The gateway's database (INFERENCE_DATABASE_URL) cannot be reached; try again shortly."
 
     def _broken(self) -> bool:
         return isinstance(self._connection, _PostgresConnection) and bool(self._connection.postgres.broken)
