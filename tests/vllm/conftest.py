@@ -9,6 +9,7 @@ took is printed at the end of the run.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from tests.servers import Server, free_port, start_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("INFERENCE_VLLM_CACHE", Path.home() / ".cache/inference-core"))
+#: Each vLLM server's temporary files, removed when the tier ends.
+SCRATCH = CACHE / "scratch"
 MODEL = "tiny-llama"
 LORA = "tiny-lora"
 EMBEDDING_MODEL = "minilm"
@@ -65,10 +68,17 @@ def tiny_model(vllm_python: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _scratch() -> Iterator[None]:
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+    yield
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+
+
 def _serve(vllm_python: Path, model: str | Path, args: list[str], log_dir: Path) -> Server:
     started = time.monotonic()
     port = free_port()
-    scratch = CACHE / f"scratch-{port}"
+    scratch = SCRATCH / str(port)
     scratch.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from tests.servers import Server
+from tests.test_batches import finished, jsonl, results
 from tests.vllm.conftest import EMBEDDING_MODEL, LORA, MODEL
 
 pytestmark = pytest.mark.vllm
@@ -204,3 +205,23 @@ def test_anthropic_messages_through_the_sdk(gateway: Server) -> None:
         with claude.messages.stream(model=MODEL, max_tokens=8, messages=hello) as stream:
             final = stream.get_final_message()
         assert final.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_a_batch_through_real_vllm(client: openai.OpenAI) -> None:
+    """Lines through the engine to vLLM: plain, guided (translated), and one vLLM refuses (in the error file)."""
+
+    def line(custom_id: str, **body: object) -> dict[str, object]:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": custom_id}], "max_tokens": 5, **body}
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+    lines = [line(f"q{i}") for i in range(4)]
+    lines += [line("fruits", max_tokens=200, guided_json=FRUITS), line("too-long", max_tokens=5000)]
+    source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = finished(client, batch.id, seconds=300)
+    output, errors = results(client, done.output_file_id), results(client, done.error_file_id)
+    assert done.status == "completed"
+    assert sorted(r["custom_id"] for r in output) == ["fruits", "q0", "q1", "q2", "q3"]
+    fruits = next(r for r in output if r["custom_id"] == "fruits")["response"]["body"]
+    jsonschema.validate(json.loads(fruits["choices"][0]["message"]["content"]), FRUITS)
+    assert [(r["custom_id"], r["response"]["status_code"]) for r in errors] == [("too-long", 400)]
