@@ -15,9 +15,11 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY . /src
 ARG PIP_OPTIONS=""
+# Dropped: Jinja2 (swagger-ui-bundle's; only its files are served) and psycopg's bundled libpq,
+# OpenSSL and Kerberos (the image takes Debian's libpq5, updated with the rest of the system).
 RUN python3 -m venv /opt/inference-core \
  && /opt/inference-core/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_OPTIONS /src \
- && /opt/inference-core/bin/pip uninstall -y -q pip setuptools \
+ && /opt/inference-core/bin/pip uninstall -y -q pip setuptools jinja2 markupsafe psycopg-binary \
  && find /opt/inference-core -name '*.map' -delete \
  && find /opt/inference-core -path '*/swagger_ui_bundle/vendor/*' -type f \
       ! -name swagger-ui.css ! -name swagger-ui-bundle.js -delete \
@@ -25,7 +27,7 @@ RUN python3 -m venv /opt/inference-core \
 
 FROM ${BASE_IMAGE}
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
+ && apt-get install -y --no-install-recommends python3 libpq5 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin inference \
  && install -d -o 10001 -g 10001 /var/lib/inference-core
@@ -34,8 +36,10 @@ ENV PATH=/opt/inference-core/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     INFERENCE_HOST=0.0.0.0 \
     INFERENCE_PORT=8080 \
-    INFERENCE_DATA_DIR=/var/lib/inference-core
-# Uploaded files and their records: a volume, writable even when the container runs --read-only.
+    INFERENCE_DATA_DIR=/var/lib/inference-core \
+    TMPDIR=/var/lib/inference-core
+# Uploaded files and their records: a volume, writable even when the container runs --read-only
+# (uploads are spooled there as they arrive, too).
 VOLUME /var/lib/inference-core
 USER 10001:10001
 EXPOSE 8080

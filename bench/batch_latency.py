@@ -6,7 +6,9 @@ client keeps ``--concurrency`` (8) interactive chat requests going for ``--secon
 alone and once while a batch of ``--lines`` (5,000) lines runs; it prints the interactive p50
 and p99 of both runs, and the batch's throughput with nothing else running.
 
-    python bench/batch_latency.py [--lines 5000] [--seconds 20] [--concurrency 8]
+    python bench/batch_latency.py [--lines 5000] [--seconds 20] [--concurrency 8] [--database-url URL]
+
+``--database-url postgresql://...`` keeps the batch in PostgreSQL (an empty database) instead of SQLite.
 """
 
 from __future__ import annotations
@@ -70,13 +72,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--service", type=float, default=0.15)
+    parser.add_argument("--database-url", default="")
     args = parser.parse_args()
     backend, port = free_port(), free_port()
     simulator = start(["simulate", "--port", str(backend)], {}, f"http://127.0.0.1:{backend}/health", core=1)
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as scratch:
         env = {"INFERENCE_BASE_URL": f"http://127.0.0.1:{backend}/v1", "INFERENCE_MODEL": MODEL,
-               "INFERENCE_DATA_DIR": scratch, "INFERENCE_MAX_CONCURRENT_TASKS": "40"}  # fmt: skip
+               "INFERENCE_DATA_DIR": scratch, "INFERENCE_MAX_CONCURRENT_TASKS": "40",
+               "INFERENCE_DATABASE_URL": args.database_url}  # fmt: skip
         gateway = start(["--port", str(port)], env, base + "/health/ready", core=0)
         try:
             content = batch_file(args.lines, args.service)

@@ -165,10 +165,11 @@ class Settings(BaseSettings):
         256, description="Completion tokens reserved under a key's tpm for a request that sets no max_tokens."
     )
 
-    @field_validator("config", mode="before")
+    @field_validator("config", "redis_url", "database_url", mode="before")
     @classmethod
-    def _no_file(cls, value: object) -> object:
-        # Compose files and charts set INFERENCE_CONFIG= to mean "no file"; it would read as the current directory.
+    def _unset(cls, value: object) -> object:
+        # Compose files, charts and Secrets set a variable empty to mean "none" (INFERENCE_CONFIG= would
+        # otherwise read as the current directory).
         return None if value == "" else value
 
     @field_validator("base_url")

@@ -150,6 +150,46 @@ def test_lines_count_against_their_keys_limits_and_wait_for_them(
     assert elapsed >= 1.9  # three windows: 4 lines, 4 lines, 2 lines (unlimited, 10 lines take milliseconds)
 
 
+def test_a_batch_whose_key_is_removed_stops_spending(log_dir: Path, simulator: Server, tmp_path: Path) -> None:
+    """The key leaves the configuration mid-batch: its remaining lines fail with invalid_api_key, none is sent."""
+    config = tmp_path / "gateway.yaml"
+    fleet = (
+        f"model: {MODEL}\nbackends:\n  local: {{base_url: {simulator.url}/v1}}\nkeys:\n  other: {{key: sk-other-1}}\n"
+    )
+    config.write_text(fleet + "  team: {key: sk-team-2}\n")
+    gateway = start_fleet(log_dir, config, data_dir=str(tmp_path), batch_max_concurrent="1")
+
+    def reload(text: str, key_works: bool) -> None:
+        config.write_text(text)
+        os.kill(gateway.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while (
+            httpx.get(gateway.url + "/v1/models", headers={"authorization": "Bearer sk-team-2"}).status_code == 200
+        ) != key_works:
+            assert time.monotonic() < deadline, gateway.output
+            time.sleep(0.05)
+
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-team-2", max_retries=0) as client:
+            lines = [chat_line(f"s{i}", sim_fault="delay=0.1") for i in range(40)]
+            source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+            batch = client.batches.create(
+                input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            time.sleep(0.5)
+            reload(fleet, key_works=False)
+            sent = sim_stats(simulator)["requests"]["/v1/chat/completions"]
+            time.sleep(0.5)  # the rest of the batch runs into the missing key meanwhile
+            reload(fleet + "  team: {key: sk-team-2}\n", key_works=True)
+            done = finished(client, batch.id)
+            errors = results(client, done.error_file_id)
+    finally:
+        gateway.stop()
+    assert done.status == "completed" and errors
+    assert {r["response"]["body"]["error"]["code"] for r in errors} == {"invalid_api_key"}
+    assert sim_stats(simulator)["requests"]["/v1/chat/completions"] <= sent + 1  # at most the line in flight
+
+
 def test_a_200_mb_input_runs_with_the_gateways_memory_bounded(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
     gateway = spawn("gateway", simulator.url, data_dir=str(tmp_path / "data"))
     assert run_200_mb(gateway, tmp_path) < 100

@@ -225,8 +225,8 @@ class Batches:
             return _live(db, *row)
 
         record = await self.database.run(mark)
-        if record is not None and record["status"] == "cancelling":
-            self._cancelled.add(batch_id)
+        if record is not None and record["status"] == "cancelling" and batch_id in self._tasks:
+            self._cancelled.add(batch_id)  # run here: lines waiting for room stop waiting at once
         return record
 
     async def start(self) -> None:
@@ -254,7 +254,12 @@ class Batches:
     def _start(self, batch_id: str, owner: str | None) -> None:
         task = asyncio.create_task(self._run(batch_id, owner))
         self._tasks[batch_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(batch_id, None))
+
+        def ended(_: object) -> None:
+            self._tasks.pop(batch_id, None)
+            self._cancelled.discard(batch_id)
+
+        task.add_done_callback(ended)
 
     # Leases.
 

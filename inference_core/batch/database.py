@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -50,7 +51,7 @@ class Connection(Protocol):
         ...
 
 
-class Database:
+class Database(ABC):
     """One connection, used on the database's own thread."""
 
     #: Whether other gateways use the same data (then a batch is run under a lease).
@@ -83,16 +84,16 @@ class Database:
                 self._connection = None  # connect again on the next call
             raise StorageUnavailable(self._unavailable(exc)) from None
 
-    def _connect(self) -> Connection:
-        raise NotImplementedError
+    @abstractmethod
+    def _connect(self) -> Connection: ...
 
+    @abstractmethod
     def _failures(self) -> tuple[type[Exception], ...]:
         """The driver's errors that say the database cannot be used now (not that a query is wrong)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _unavailable(self, exc: Exception) -> str:
         """What the client is told (never the connection's details, which may hold a password)."""
-        raise NotImplementedError
 
     def _broken(self) -> bool:
         return False
@@ -102,16 +103,16 @@ class Database:
 
     # A file's bytes.
 
+    @abstractmethod
     def write(self, db: Connection, file_id: str, source: IO[bytes]) -> int:
         """Keep ``source`` as the file's content (inside the caller's transaction); its size."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read(self, db: Connection, file_id: str, index: int) -> bytes:
         """The file's ``index``-th chunk of ``CHUNK_BYTES`` (empty past the end)."""
-        raise NotImplementedError
 
-    def remove(self, db: Connection, file_id: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def remove(self, db: Connection, file_id: str) -> None: ...
 
     def chunks(self, db: Connection, file_id: str) -> Iterator[bytes]:
         index = 0
