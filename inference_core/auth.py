@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from inference_core.config import ConfigError
 from inference_core.endpoints import ANTHROPIC_PATHS
 from inference_core.engine.tenants import Keys, Tenant
-from inference_core.errors import anthropic_error_body, error_body
+from inference_core.errors import InvalidApiKey
 from inference_core.observability import record_of
 
 PROTECTED_PREFIX = "/v1/"
@@ -72,17 +72,14 @@ class GatewayKeys:
             record_of(scope).key = tenant.name
             await self.app(scope, receive, send)
             return
-        message = "Invalid or missing API key."
-        if scope["path"] in ANTHROPIC_PATHS:
-            body = anthropic_error_body(401, message)
-        else:
-            body = error_body(message, "invalid_request_error", code="invalid_api_key")
+        refused = InvalidApiKey("Invalid or missing API key.")
+        body = refused.anthropic_body() if scope["path"] in ANTHROPIC_PATHS else refused.body()
         headers = [
             (b"content-type", b"application/json"),
             (b"www-authenticate", b"Bearer"),
             (b"x-should-retry", b"false"),
         ]
-        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.start", "status": refused.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -145,7 +145,8 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(
         Path("inference-core-data"),
-        description="Folder for uploaded files and their records (SQLite); created on the first upload.",
+        description="Folder for uploaded files and their records (SQLite; with INFERENCE_DATABASE_URL only "
+        "temporary files); created on the first upload.",
     )
     database_url: SecretStr | None = Field(
         None,
@@ -171,6 +172,13 @@ class Settings(BaseSettings):
         # Compose files, charts and Secrets set a variable empty to mean "none" (INFERENCE_CONFIG= would
         # otherwise read as the current directory).
         return None if value == "" else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("not a postgresql:// URL")  # the value itself may hold a password: not repeated
+        return value
 
     @field_validator("base_url")
     @classmethod

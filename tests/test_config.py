@@ -57,6 +57,7 @@ def test_brief_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         ("INFERENCE_PROVIDER_TYPE", "foo", "'vllm' or 'openai'"),
         ("INFERENCE_BASE_URL", "not a url", "http:// or https:// URL"),
         ("INFERENCE_TIMEOUT", "-1", "greater than 0"),
+        ("INFERENCE_DATABASE_URL", "mysql://app:sk-do-not-print@db/app", "not a postgresql:// URL"),
     ],
 )
 def test_bad_value_stops_startup_with_one_line(variable: str, value: str, expected: str) -> None:
