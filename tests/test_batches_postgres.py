@@ -78,6 +78,21 @@ def test_a_200_mb_input_streams_through_postgresql(
     assert run_200_mb(gateway, tmp_path) < 100  # the file in 1 MiB chunks, lines and results a page at a time
 
 
+def test_a_restarted_database_is_reconnected_to(spawn: Spawn, simulator: Server, postgres: PostgreSQL) -> None:
+    gateway = spawn("gateway", simulator.url, database_url=postgres.database())
+    with client(gateway) as sdk:
+        stored = sdk.files.create(file=("in.jsonl", jsonl([chat_line("x")])), purpose="batch")
+        postgres.restart()
+        failures = 0
+        for _ in range(3):
+            try:
+                assert sdk.files.retrieve(stored.id).id == stored.id
+            except openai.InternalServerError as refused:
+                assert refused.status_code == 503  # the dropped connection, found on first use
+                failures += 1
+        assert failures <= 1
+
+
 def handed_over(spawn: Spawn, postgres: PostgreSQL, how: signal.Signals, count: int) -> tuple[int, int, float]:
     """A batch of ``count`` slow lines run by one replica, stopped by ``how`` mid-batch; the other takes over.
 
