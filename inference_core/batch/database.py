@@ -17,9 +17,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 from inference_core.errors import StorageUnavailable
+
+if TYPE_CHECKING:
+    import psycopg
 
 T = TypeVar("T")
 #: How much of a file is read, written or relayed at a time.
@@ -218,10 +221,14 @@ class Postgres(Database):
 
         connection = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
         rowid = "rowid BIGINT GENERATED ALWAYS AS IDENTITY,"
-        with connection.transaction():
-            connection.execute("SELECT pg_advisory_xact_lock(7476697)")  # replicas starting together
-            for script in self._schemas:
-                connection.execute(script.format(rowid=rowid))
+        try:
+            with connection.transaction():
+                connection.execute("SELECT pg_advisory_xact_lock(7476697)")  # replicas starting together
+                for script in self._schemas:
+                    connection.execute(script.format(rowid=rowid))
+        except BaseException:
+            connection.close()
+            raise
         return _PostgresConnection(connection)
 
     def _failures(self) -> tuple[type[Exception], ...]:
@@ -256,7 +263,7 @@ class Postgres(Database):
 
 
 class _PostgresConnection:
-    def __init__(self, postgres: Any) -> None:
+    def __init__(self, postgres: psycopg.Connection[Any]) -> None:
         self.postgres = postgres
         self._queries: dict[str, str] = {}
 
@@ -268,11 +275,11 @@ class _PostgresConnection:
         return translated
 
     def execute(self, query: str, args: Sequence[object] = ()) -> Rows:
-        rows: Rows = self.postgres.execute(self._query(query), args)
-        return rows
+        return self.postgres.execute(self._query(query), args)
 
     def executemany(self, query: str, rows: Sequence[Sequence[object]]) -> None:
-        self.postgres.cursor().executemany(self._query(query), rows)
+        with self.postgres.cursor() as cursor:
+            cursor.executemany(self._query(query), rows)
 
     def transaction(self) -> Any:
         return self.postgres.transaction()
