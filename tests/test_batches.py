@@ -171,7 +171,7 @@ def test_a_batch_whose_key_is_removed_stops_spending(log_dir: Path, simulator: S
 
     try:
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-team-2", max_retries=0) as client:
-            lines = [chat_line(f"s{i}", sim_fault="delay=0.1") for i in range(40)]
+            lines = [chat_line(f"s{i}", sim_fault="delay=0.2") for i in range(40)]
             source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
             batch = client.batches.create(
                 input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
