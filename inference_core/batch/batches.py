@@ -7,8 +7,9 @@ records at the end. So a gateway killed in the middle loses nothing: whoever run
 recorded; just the lines in flight at the moment of the kill run twice.
 
 Each unfinished batch has a row in ``runs``: the gateway running it and until when its lease
-holds. The runner renews it every third of ``LEASE_SECONDS``; a batch whose lease lapsed is
-taken by the first gateway to notice (within ``LEASE_SECONDS`` and a third). A cancellation is
+holds, by the database's clock (the gateways' clocks need not agree). The runner renews it
+every third of ``LEASE_SECONDS``; a batch whose lease lapsed is taken by the first gateway to
+notice (within ``LEASE_SECONDS`` and a third). A cancellation is
 a mark on that row, so any replica may take it; the runner reads it with each line it starts.
 
 Lines run at ``INFERENCE_BATCH_PRIORITY`` (a low priority by default), at most
@@ -204,8 +205,8 @@ class Batches:
             "request_counts": {"total": 0, "completed": 0, "failed": 0},
             "metadata": metadata,
         }
-        lease = (record["id"], self.runner, time.time() + self.lease)
-        await self.database.run(lambda db: db.execute("INSERT INTO runs VALUES (?, ?, ?, NULL)", lease))
+        lease = f"INSERT INTO runs VALUES (?, ?, {self.database.clock} + ?, NULL)"
+        await self.database.run(lambda db: db.execute(lease, (record["id"], self.runner, self.lease)))
         await self._save(record, owner)
         self._start(record["id"], owner)
         return record
@@ -277,7 +278,7 @@ class Batches:
         held = set(self._tasks)
 
         def work(db: Connection) -> tuple[list[str], list[str], list[tuple[str, str | None]]]:
-            now = time.time()
+            now: float = db.execute(f"SELECT {self.database.clock}").fetchone()[0]
             if held:
                 marks = ", ".join("?" * len(held))
                 renew = f"UPDATE runs SET lease_until = ? WHERE runner = ? AND batch_id IN ({marks})"

@@ -59,6 +59,8 @@ class Database(ABC):
 
     #: Whether other gateways use the same data (then a batch is run under a lease).
     shared = False
+    #: The database's time, in seconds since the epoch, as SQL: leases are timed by one clock.
+    clock = ""
 
     def __init__(self) -> None:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="database")
@@ -126,6 +128,8 @@ class Database(ABC):
 
 class SQLite(Database):
     """SQLite in ``folder``, files beside it: embedded, durable, for one gateway."""
+
+    clock = "(julianday('now') - 2440587.5) * 86400.0"
 
     def __init__(self, folder: Path) -> None:
         super().__init__()
@@ -210,6 +214,7 @@ class Postgres(Database):
     """PostgreSQL at ``url``: batches, lines and file contents shared by every gateway replica."""
 
     shared = True
+    clock = "extract(epoch FROM clock_timestamp())::float8"
 
     def __init__(self, url: str) -> None:
         super().__init__()
