@@ -20,11 +20,12 @@ interactive requests; a line that cannot run yet (its key's limits, a full queue
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import IO, Any
 
 import orjson
@@ -80,14 +81,6 @@ class Deferred(Exception):
     def __init__(self, seconds: float) -> None:
         super().__init__(seconds)
         self.seconds = seconds
-
-
-class _Invalid(Exception):
-    """The input has bad lines: what validation stored is rolled back."""
-
-    def __init__(self, errors: list[dict[str, object]]) -> None:
-        super().__init__(len(errors))
-        self.errors = errors
 
 
 class Batches:
@@ -329,50 +322,45 @@ class Batches:
             log.exception("batch runner failed", extra={"fields": {"batch": batch_id}})
 
     async def _validate(self, record: dict[str, Any], owner: str | None) -> dict[str, Any]:
-        """Read the input, as OpenAI validates it: any bad line fails the whole batch, and nothing is sent."""
+        """Read the input, as OpenAI validates it: any bad line fails the whole batch, and nothing is sent.
+
+        The input is read a chunk at a time and its lines are stored a page at a time, between the
+        database's other calls (it is never whole in memory, nor the database busy with it for
+        long); if any line is wrong, the lines stored are removed again.
+        """
         batch_id, endpoint = record["id"], record["endpoint"]
-
-        def parse(db: Connection) -> list[dict[str, object]]:
-            """Every line checked and stored in one transaction, kept only if no line is wrong.
-
-            Read and written a page at a time: the input is never whole in memory.
-            """
-            errors: list[dict[str, object]] = []
-            seen: set[str] = set()
-            page: list[tuple[object, ...]] = []
-            held = 0  # bytes in the page: lines may be large
-            insert = "INSERT INTO lines (batch_id, line, custom_id, body) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
-            try:
-                with db.transaction():
-                    for number, raw in enumerate(_split(self.database.chunks(db, record["input_file_id"])), 1):
-                        if not raw.strip():
-                            continue
-                        problem = _problem(raw, endpoint, seen, self.routable)
-                        if problem is None and len(seen) > self.max_lines:
-                            problem = ("too_many_lines", f"A batch holds at most {self.max_lines} lines.")
-                        if problem is not None:
-                            errors.append({"code": problem[0], "message": problem[1], "param": None, "line": number})
-                            if len(errors) >= MAX_ERRORS:
-                                break
-                            continue
-                        request = orjson.loads(raw)
-                        page.append((batch_id, number, request["custom_id"], orjson.dumps(request["body"])))
-                        held += len(raw)
-                        if len(page) == _PAGE or held > CHUNK_BYTES:
-                            db.executemany(insert, page)
-                            page.clear()
-                            held = 0
-                    if not errors and not seen:
-                        errors.append({"code": "empty_file", "message": "The input file has no lines.", "param": None})
-                    if errors:
-                        raise _Invalid(errors)
-                    if page:
-                        db.executemany(insert, page)
-            except _Invalid:
-                pass
-            return errors
-
-        errors = await self.database.run(parse)
+        errors: list[dict[str, object]] = []
+        seen: set[str] = set()
+        page: list[tuple[object, ...]] = []
+        held = 0  # bytes in the page: lines may be large
+        async with contextlib.aclosing(_split(self.files.content(record["input_file_id"]))) as lines:
+            number = 0
+            async for raw in lines:
+                number += 1
+                if not raw.strip():
+                    continue
+                problem = _problem(raw, endpoint, seen, self.routable)
+                if problem is None and len(seen) > self.max_lines:
+                    problem = ("too_many_lines", f"A batch holds at most {self.max_lines} lines.")
+                if problem is not None:
+                    errors.append({"code": problem[0], "message": problem[1], "param": None, "line": number})
+                    if len(errors) >= MAX_ERRORS:
+                        break
+                    continue
+                if errors:
+                    continue  # the batch fails: only the other bad lines matter now
+                request = orjson.loads(raw)
+                page.append((batch_id, number, request["custom_id"], orjson.dumps(request["body"])))
+                held += len(raw)
+                if len(page) == _PAGE or held > CHUNK_BYTES:
+                    await self._store(page)
+                    page, held = [], 0
+        if not errors and not seen:
+            errors.append({"code": "empty_file", "message": "The input file has no lines.", "param": None})
+        if errors:
+            await self.database.run(lambda db: db.execute("DELETE FROM lines WHERE batch_id = ?", (batch_id,)))
+        elif page:
+            await self._store(page)
         now = int(time.time())
         latest = await self.get(batch_id, owner) or record
         if errors:
@@ -384,6 +372,11 @@ class Batches:
             record |= {"status": "in_progress", "in_progress_at": now, "request_counts": counts}
         await self._save(record, owner)
         return record
+
+    async def _store(self, page: list[tuple[object, ...]]) -> None:
+        """Lines checked, kept to run (again after a restart in the middle of validation: kept once)."""
+        insert = "INSERT INTO lines (batch_id, line, custom_id, body) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+        await self.database.run(lambda db: db.executemany(insert, page))
 
     async def _pending(self, batch_id: str) -> list[int]:
         """The numbers of the lines not done yet (their bodies are read one at a time, when run)."""
@@ -503,13 +496,14 @@ class Batches:
         await self._save(record, owner)
 
 
-def _split(chunks: Iterable[bytes]) -> Iterator[bytes]:
+async def _split(chunks: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
     """The lines of a file given in chunks (a line may span chunks)."""
     rest = b""
-    for chunk in chunks:
+    async for chunk in chunks:
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
-        yield from lines
+        for line in lines:
+            yield line
     if rest:
         yield rest
 

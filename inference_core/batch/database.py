@@ -119,12 +119,6 @@ class Database(ABC):
     @abstractmethod
     def remove(self, db: Connection, file_id: str) -> None: ...
 
-    def chunks(self, db: Connection, file_id: str) -> Iterator[bytes]:
-        index = 0
-        while chunk := self.read(db, file_id, index):
-            yield chunk
-            index += 1
-
 
 class SQLite(Database):
     """SQLite in ``folder``, files beside it: embedded, durable, for one gateway."""
