@@ -9,8 +9,8 @@ recorded; just the lines in flight at the moment of the kill run twice.
 Each unfinished batch has a row in ``runs``: the gateway running it and until when its lease
 holds, by the database's clock (the gateways' clocks need not agree). The runner renews it
 every third of ``LEASE_SECONDS``; a batch whose lease lapsed is taken by the first gateway to
-notice (within ``LEASE_SECONDS`` and a third). A cancellation is
-a mark on that row, so any replica may take it; the runner reads it with each line it starts.
+notice (within ``LEASE_SECONDS`` and a third). A cancellation is a mark on that row, so any
+replica may take it; the runner reads it with each line it starts.
 
 Lines run at ``INFERENCE_BATCH_PRIORITY`` (a low priority by default), at most
 ``INFERENCE_BATCH_MAX_CONCURRENT`` at once, so batch work takes idle slots and yields them to
