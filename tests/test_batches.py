@@ -90,6 +90,20 @@ def test_a_bad_input_fails_the_batch_and_sends_nothing(spawn: Spawn, simulator: 
     assert sim_stats(simulator)["requests"].get("/v1/chat/completions", 0) == before
 
 
+def test_an_input_deleted_while_validated_fails_the_batch(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
+    gateway = spawn("gateway", simulator.url, data_dir=str(tmp_path))
+    lines = [chat_line(f"l{i}", messages=[{"role": "user", "content": "x" * 99_800}]) for i in range(400)]
+    before = sim_stats(simulator)["requests"].get("/v1/chat/completions", 0)
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
+        source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert client.files.delete(source.id).deleted  # 40 MB take the validation far longer than this
+        failed = finished(client, batch.id)
+    assert failed.status == "failed" and failed.errors is not None
+    assert [(e.code, e.param) for e in failed.errors.data or []] == [("invalid_file", "input_file_id")]
+    assert sim_stats(simulator)["requests"].get("/v1/chat/completions", 0) == before  # a cut-short input never runs
+
+
 def test_cancel_delivers_what_is_done(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
     gateway = spawn("gateway", simulator.url, data_dir=str(tmp_path), batch_max_concurrent="2")
     lines = [chat_line(f"slow-{i}", sim_fault="delay=0.2") for i in range(30)]

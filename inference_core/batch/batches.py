@@ -355,7 +355,11 @@ class Batches:
                 if len(page) == _PAGE or held > CHUNK_BYTES:
                     await self._store(page)
                     page, held = [], 0
-        if not errors and not seen:
+        if await self.files.get(record["input_file_id"], owner) is None:
+            # Deleted while being read: what was read may be cut short, so nothing else found holds.
+            message = "The input file was deleted before the batch had read it."
+            errors = [{"code": "invalid_file", "message": message, "param": "input_file_id"}]
+        elif not errors and not seen:
             errors.append({"code": "empty_file", "message": "The input file has no lines.", "param": None})
         if errors:
             await self.database.run(lambda db: db.execute("DELETE FROM lines WHERE batch_id = ?", (batch_id,)))

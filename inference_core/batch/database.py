@@ -165,9 +165,12 @@ class SQLite(Database):
         return self._path(file_id).stat().st_size
 
     def read(self, db: Connection, file_id: str, index: int) -> bytes:
-        with self._path(file_id).open("rb") as source:
-            source.seek(index * CHUNK_BYTES)
-            return source.read(CHUNK_BYTES)
+        try:
+            with self._path(file_id).open("rb") as source:
+                source.seek(index * CHUNK_BYTES)
+                return source.read(CHUNK_BYTES)
+        except FileNotFoundError:
+            return b""  # deleted meanwhile: nothing more to read, as in PostgreSQL
 
     def remove(self, db: Connection, file_id: str) -> None:
         self._path(file_id).unlink(missing_ok=True)
