@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import openai
+import psycopg
 import pytest
 
 from tests.conftest import MODEL, sim_stats
@@ -27,8 +28,7 @@ def postgres() -> Iterator[PostgreSQL]:
     server.stop()
 
 
-def replicas(spawn: Spawn, simulator: Server, postgres: PostgreSQL, **settings: str) -> tuple[Server, Server]:
-    url = postgres.database()
+def replicas(spawn: Spawn, simulator: Server, url: str, **settings: str) -> tuple[Server, Server]:
     first, second = (spawn("gateway", simulator.url, database_url=url, **settings) for _ in range(2))
     return first, second
 
@@ -38,7 +38,8 @@ def client(gateway: Server) -> openai.OpenAI:
 
 
 def test_any_replica_answers_for_any_file_or_batch(spawn: Spawn, simulator: Server, postgres: PostgreSQL) -> None:
-    one, two = replicas(spawn, simulator, postgres)
+    database = postgres.database()
+    one, two = replicas(spawn, simulator, database)
     lines = [chat_line(f"req-{i}") for i in range(20)]
     padding = b"\n" * (3 * 1024 * 1024)  # blank lines: the input spans several chunks of the database
     with client(one) as first, client(two) as second:
@@ -54,10 +55,14 @@ def test_any_replica_answers_for_any_file_or_batch(spawn: Spawn, simulator: Serv
         assert second.files.delete(source.id).deleted
         with pytest.raises(openai.NotFoundError):
             first.files.retrieve(source.id)
+    with psycopg.connect(database) as stored:  # a finished batch keeps its result files, not its lines
+        assert stored.execute("SELECT count(*) FROM lines").fetchone() == (0,)
+        assert stored.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+        assert stored.execute("SELECT count(DISTINCT file_id) FROM chunks").fetchone() == (1,)  # the output
 
 
 def test_a_batch_is_cancelled_through_another_replica(spawn: Spawn, simulator: Server, postgres: PostgreSQL) -> None:
-    one, two = replicas(spawn, simulator, postgres, batch_max_concurrent="2")
+    one, two = replicas(spawn, simulator, postgres.database(), batch_max_concurrent="2")
     lines = [chat_line(f"slow-{i}", sim_fault="delay=0.2") for i in range(40)]
     with client(one) as first, client(two) as second:
         source = first.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
@@ -99,7 +104,7 @@ def handed_over(spawn: Spawn, postgres: PostgreSQL, how: signal.Signals, count: 
     Returns the lines sent before the stop, in all, and the seconds until the other replica sent a line.
     """
     simulator = spawn("simulator")
-    running, other = replicas(spawn, simulator, postgres, batch_max_concurrent="2")
+    running, other = replicas(spawn, simulator, postgres.database(), batch_max_concurrent="2")
     lines = [chat_line(f"line-{i}", sim_fault="delay=0.1") for i in range(count)]
     with client(running) as first:
         source = first.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")

@@ -121,7 +121,7 @@ class Batches:
     # Records.
 
     async def _save(self, record: dict[str, Any], owner: str | None) -> None:
-        """Store the record; a finished batch's run (its lease) ends with it."""
+        """Store the record; a finished batch's run (its lease) and its lines end with it."""
         finished = record["status"] in ("completed", "failed", "cancelled") or bool(record["expired_at"])
         if finished:
             self.running.pop(record["id"], None)
@@ -135,8 +135,9 @@ class Batches:
                     "ON CONFLICT (id) DO UPDATE SET record = excluded.record",
                     (record["id"], owner, orjson.dumps(record).decode()),
                 )
-                if finished:
+                if finished:  # the result files hold what the lines held
                     db.execute("DELETE FROM runs WHERE batch_id = ?", (record["id"],))
+                    db.execute("DELETE FROM lines WHERE batch_id = ?", (record["id"],))
 
         await self.database.run(write)
 
@@ -326,7 +327,7 @@ class Batches:
 
         The input is read a chunk at a time and its lines are stored a page at a time, between the
         database's other calls (it is never whole in memory, nor the database busy with it for
-        long); if any line is wrong, the lines stored are removed again.
+        long); if any line is wrong, the lines stored go with the failed batch.
         """
         batch_id, endpoint = record["id"], record["endpoint"]
         errors: list[dict[str, object]] = []
@@ -361,10 +362,8 @@ class Batches:
             errors = [{"code": "invalid_file", "message": message, "param": "input_file_id"}]
         elif not errors and not seen:
             errors.append({"code": "empty_file", "message": "The input file has no lines.", "param": None})
-        if errors:
-            await self.database.run(lambda db: db.execute("DELETE FROM lines WHERE batch_id = ?", (batch_id,)))
-        elif page:
-            await self._store(page)
+        if page and not errors:
+            await self._store(page)  # (a failed batch's lines go when it is saved as failed)
         now = int(time.time())
         latest = await self.get(batch_id, owner) or record
         if errors:
