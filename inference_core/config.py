@@ -1,7 +1,9 @@
 """Settings: every knob of the gateway, read once from ``INFERENCE_*`` variables and a YAML file.
 
 Parsing happens in one place so that a bad value stops start-up with a single line naming the
-variable or the file's key, instead of failing on the first request. The file
+variable or the file's key, instead of failing on the first request. A mistyped name is named
+too, with the nearest right one: an unknown key of the file, at any depth, stops start-up; an
+unknown ``INFERENCE_*`` variable is a warning, since scripts use a few of their own. The file
 (``INFERENCE_CONFIG``) is read here, beneath the environment; its ``backends:`` and ``models:``
 are built into routing by ``config_file.py``.
 """
@@ -9,25 +11,31 @@ are built into routing by ``config_file.py``.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import AnyHttpUrl, Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic import AnyHttpUrl, BaseModel, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "INFERENCE_"
 FILE_VARIABLE = f"{ENV_PREFIX}CONFIG"
+#: ``INFERENCE_*`` variables that are no setting: the scripts and tests read them (scripts/vllm-venv,
+#: scripts/test-container, tests/vllm), and a shell that exports them may start the gateway too.
+NOT_SETTINGS = frozenset({"INFERENCE_IMAGE", "INFERENCE_VLLM_CACHE", "INFERENCE_VLLM_VENV"})
 ROUTING_KEYS = frozenset({"backends", "models", "keys"})
 # With ``backends:`` in the file these would describe a second backend, one without a name.
 _SINGLE_BACKEND_KEYS = ("base_url", "provider_type", "api_key")
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _URL = TypeAdapter(AnyHttpUrl)
+log = logging.getLogger(__name__)
 
 
 class ProviderType(StrEnum):
@@ -115,6 +123,7 @@ class Settings(BaseSettings):
     )
     log_level: LogLevel = Field(LogLevel.INFO, description="debug, info, warning or error.")
     log_format: LogFormat = Field(LogFormat.JSON, description="json (one object per line) or text.")
+    access_log: bool = Field(True, description="One access-log line per request (false: none).")
     probe_interval: Annotated[float, Field(gt=0)] = Field(
         5.0, description="Seconds between background health probes of the backend."
     )
@@ -229,6 +238,21 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError("; ".join(lines)) from None
 
 
+def warn_unknown_variables() -> None:
+    """Log a warning for each ``INFERENCE_*`` variable that names no setting, with the nearest that does.
+
+    pydantic-settings reads only the variables it knows, so a misspelt one would leave its setting
+    at the default without a word. Called once logging is set up, so that the warning is a line of
+    the gateway's log; the variable's value, maybe a secret, is never shown.
+    """
+    for name in sorted(os.environ):
+        variable = name.upper()
+        setting = variable.removeprefix(ENV_PREFIX).lower()
+        if variable.startswith(ENV_PREFIX) and variable not in NOT_SETTINGS and setting not in Settings.model_fields:
+            close = _closest(setting, Settings.model_fields)
+            log.warning("%s is not a setting%s", name, f"; did you mean {ENV_PREFIX}{close.upper()}?" if close else "")
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """The file's top-level mapping, with ``${VAR}`` expanded and its keys checked.
 
@@ -260,9 +284,19 @@ def file_error(path: Path, *problems: str) -> ConfigError:
     return ConfigError(f"{FILE_VARIABLE} {path}: " + "; ".join(problems))
 
 
-def describe_file(path: Path, exc: ValidationError) -> str:
-    """One line for a file's bad values, each named by its key path, never by its value."""
-    problems = (f"{key_path(error['loc'])}: {error['msg']}" if error["loc"] else error["msg"] for error in _errors(exc))
+def describe_file(path: Path, exc: ValidationError, model: type[BaseModel]) -> str:
+    """One line for a file's bad values, each named by its key path, never by its value.
+
+    ``model`` is the one that was validated: a key it does not know is matched against the keys
+    accepted where it stands, for a "did you mean".
+    """
+    problems = []
+    for error in _errors(exc):
+        location = error["loc"]
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = _unknown_key(str(location[-1]), _keys_at(model, location[:-1]))
+        problems.append(f"{key_path(location)}: {message}" if location else message)
     return str(file_error(path, *problems))
 
 
@@ -272,11 +306,6 @@ def key_path(location: Iterable[str | int]) -> str:
     for part in location:
         text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else part
     return text
-
-
-def describe(exc: ValidationError) -> str:
-    """One line per bad field: the variable, what it accepts, and never the value of a secret."""
-    return "; ".join(_variable_problem(error) for error in _errors(exc))
 
 
 def _errors(exc: ValidationError) -> list[ErrorDetails]:
@@ -305,17 +334,59 @@ def _joined(value: object) -> object:
 
 
 def _check_keys(path: Path, document: Mapping[str, Any]) -> None:
-    known = sorted((Settings.model_fields.keys() - {"config"}) | ROUTING_KEYS | {"default_model"})
+    known = (Settings.model_fields.keys() - {"config"}) | ROUTING_KEYS | {"default_model"}
     for key in document:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {close[0]}?" if close else "accepts backends, models, default_model and the settings"
-            raise file_error(path, f"{key}: unknown key ({hint})")
+            accepts = "backends, models, default_model and the settings"
+            raise file_error(path, f"{key}: {_unknown_key(str(key), known, accepts)}")
     if "model" in document and "default_model" in document:
         raise file_error(path, "default_model: given twice, also as model")
     for key in _SINGLE_BACKEND_KEYS if "backends" in document else ():
         if key in document:
             raise file_error(path, f"{key}: give it under backends.<name>, not at the top")
+
+
+def _unknown_key(key: str, known: Collection[str], accepts: str = "") -> str:
+    """``unknown key (did you mean lb_policy?)``: the one wording for a mistyped key, at any depth of the file.
+
+    Without a close match it lists what ``accepts`` says, by default every known key.
+    """
+    close = _closest(key, known)
+    return f"unknown key (did you mean {close}?)" if close else f"unknown key (accepts {accepts or ', '.join(known)})"
+
+
+def _closest(name: str, known: Collection[str]) -> str | None:
+    """The known name ``name`` most likely misspells, if any is close (difflib's ratio of 0.6 or more)."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return close[0] if close else None
+
+
+def _keys_at(model: type[BaseModel], location: Sequence[str | int]) -> list[str]:
+    """The keys a mapping at ``location`` in ``model``'s input accepts: the fields of the model there.
+
+    Found by following the field types down, so a section added to the file needs no list of its keys here.
+    """
+    kind: Any = model
+    for part in location:
+        kind = _unwrapped(kind)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            field = kind.model_fields.get(str(part))
+            kind = field.annotation if field else None
+        else:  # dict[str, X] holds an X under each name; tuple[X, ...] an X at each index
+            arguments = get_args(kind)
+            kind = arguments[1] if get_origin(kind) is dict else arguments[0] if arguments else None
+    kind = _unwrapped(kind)
+    return list(kind.model_fields) if isinstance(kind, type) and issubclass(kind, BaseModel) else []
+
+
+def _unwrapped(kind: Any) -> Any:
+    """The type inside ``Annotated[X, ...]`` and ``X | None``."""
+    while True:
+        inside = [argument for argument in get_args(kind) if argument is not type(None)]
+        if get_origin(kind) is Annotated or (get_origin(kind) in (Union, UnionType) and len(inside) == 1):
+            kind = inside[0]
+        else:
+            return kind
 
 
 def _expand(path: Path, value: Any, where: tuple[str | int, ...]) -> Any:

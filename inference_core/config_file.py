@@ -104,6 +104,11 @@ class BackendConfig(BaseModel):
     models: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Field(min_length=1)] | None = Field(
         default=None, description="Globs (fnmatch) of the model names it serves; None: learnt from its /v1/models."
     )
+    stream_usage: bool = Field(
+        default=True,
+        description="Ask it for the usage of every chat and text completion stream (stream_options.include_usage), "
+        "hidden from clients that did not ask; false for a backend that refuses stream_options.",
+    )
 
 
 class AliasConfig(BaseModel):
@@ -201,7 +206,7 @@ def load_fleet(settings: Settings) -> FleetConfig:
             default_model=settings.model,
         )
     except ValidationError as exc:
-        raise ConfigError(describe_file(settings.config, exc)) from None
+        raise ConfigError(describe_file(settings.config, exc, FleetConfig)) from None
 
 
 def _settings_backend(settings: Settings) -> BackendConfig:

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import MODEL, sim_stats
 from tests.openai_schemas import OpenAISchemas
-from tests.servers import Server, start_fleet, start_gateway
+from tests.servers import Server, free_port, start_fleet, start_gateway
 
 Spawn = Callable[..., Server]
 
@@ -336,4 +336,86 @@ def test_the_batch_command_submits_follows_and_downloads(spawn: Spawn, simulator
         [sys.executable, "-m", "inference_core", "batch", "status", batch_id, "--api-key", "sk-other"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert wrong_key.returncode != 0 and "HTTP 401" in wrong_key.stderr
+    assert one_line(wrong_key) == (
+        "inference-core batch: the gateway refused the key (HTTP 401: Invalid or missing API key.); "
+        "give one it accepts with --api-key or OPENAI_API_KEY"
+    )
+
+
+def batch_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """``inference-core batch ARGS`` as a person runs it, with no OPENAI_* variables to lean on."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("OPENAI_")}
+    command = [str(Path(sys.executable).parent / "inference-core"), "batch", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a failed command printed on stderr, having checked it failed with nothing else said."""
+    assert result.returncode == 1, result
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip()
+
+
+def test_the_batch_command_names_each_mistake_in_one_line(gateway: Server, simulator: Server, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(jsonl([chat_line("one")]))
+    submit = ["submit", str(source), "--endpoint", "/v1/chat/completions", "--api-key", "sk-any"]
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    fix_url = "--base-url (or OPENAI_BASE_URL) should be the gateway's API root, e.g. http://localhost:8080/v1"
+    not_the_api = f"answered HTTP 404 Not Found: this is not the gateway's Batch API; {fix_url}"
+    mistakes = [
+        (
+            ["status", "batch_x", "--base-url", closed],
+            f"cannot reach the gateway at {closed} ([Errno 111] Connection refused); "
+            "start it, or point --base-url (or OPENAI_BASE_URL) at it",
+        ),
+        ([*submit, "--base-url", gateway.url], f"POST {gateway.url}/files {not_the_api}"),
+        ([*submit, "--base-url", simulator.url], f"POST {simulator.url}/files {not_the_api}"),
+        (
+            [*submit, "--base-url", "localhost:8080/v1"],
+            f"cannot call 'localhost:8080/v1' (Request URL has an unsupported protocol 'localhost://'.); {fix_url}",
+        ),
+        (
+            ["submit", str(tmp_path / "absent.jsonl"), "--endpoint", "/v1/chat/completions", "--base-url", closed],
+            f"cannot read {tmp_path / 'absent.jsonl'}: No such file or directory",
+        ),
+        (
+            ["submit", str(tmp_path), "--endpoint", "/v1/chat/completions", "--base-url", closed],
+            f"cannot read {tmp_path}: Is a directory",
+        ),
+        (
+            ["status", "batch_nope", "--base-url", gateway.url + "/v1"],
+            "HTTP 404: No batch with id 'batch_nope' exists.",
+        ),
+    ]
+    for args, expected in mistakes:
+        assert one_line(batch_command(*args)) == f"inference-core batch: {expected}"
+
+
+def test_the_batch_command_shows_why_a_batch_failed_validation(gateway: Server, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(jsonl([chat_line("twice")] * 14))
+    output_dir = tmp_path / "out"
+    failed = batch_command(
+        "submit", str(source), "--endpoint", "/v1/chat/completions", "--wait", "--output-dir", str(output_dir),
+        "--base-url", gateway.url + "/v1", "--api-key", "sk-any",
+    )  # fmt: skip
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    batch_id = failed.stdout.splitlines()[0]
+    assert failed.stdout.splitlines()[1:] == [f"{batch_id}: failed"]
+    shown = failed.stderr.splitlines()[-12:]
+    assert shown[0] == (
+        f"inference-core batch: {batch_id} failed validation, so none of its lines ran; fix these and submit again:"
+    )
+    assert [line.split(":")[:2] for line in shown[1:11]] == [
+        [f"  line {n}", " duplicate_custom_id"] for n in range(2, 12)
+    ]
+    assert shown[11] == "  and 3 more"
+    assert not output_dir.exists()  # no empty result files
+
+
+def test_the_batch_commands_help_is_plain_text() -> None:
+    for command in ([], ["submit"], ["status"]):
+        result = batch_command(*command, "--help")
+        assert result.returncode == 0 and result.stdout.startswith("usage: inference-core batch")
+        assert "``" not in result.stdout and ":class:" not in result.stdout and "<" not in result.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inference_core.config import Settings
+from inference_core.config import Settings, warn_unknown_variables
 from tests.conftest import MODEL, chat_body
 from tests.servers import Server, free_port, start
 
@@ -110,3 +112,41 @@ def test_uvicorn_entry_point(simulator: Server, log_dir: Path) -> None:
         assert httpx.post(server.url + "/v1/chat/completions", json=chat_body()).status_code == 200
     finally:
         server.stop()
+
+
+def test_unknown_variables_are_named_with_the_nearest_setting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in os.environ:
+        if name.upper().startswith("INFERENCE_"):
+            monkeypatch.delenv(name)
+    for name in ("INFERENCE_MODLE", "INFERENCE_FOO", "inference_max_retry", "INFERENCE_MODEL", "INFERENCE_VLLM_VENV"):
+        monkeypatch.setenv(name, "sk-do-not-print")
+    with caplog.at_level(logging.WARNING, logger="inference_core.config"):
+        warn_unknown_variables()
+    assert {(r.name, r.levelname) for r in caplog.records} == {("inference_core.config", "WARNING")}
+    assert [r.getMessage() for r in caplog.records] == [
+        "INFERENCE_FOO is not a setting",
+        "INFERENCE_MODLE is not a setting; did you mean INFERENCE_MODEL?",
+        "inference_max_retry is not a setting; did you mean INFERENCE_MAX_RETRIES?",
+    ]
+    assert "sk-do-not-print" not in caplog.text
+
+
+@pytest.mark.parametrize("command", [["inference_core"], ["uvicorn", "inference_core.api:app"]], ids=["cli", "uvicorn"])
+def test_unknown_variable_is_one_warning_in_the_log(command: list[str], simulator: Server, log_dir: Path) -> None:
+    port = free_port()
+    env = {
+        "INFERENCE_BASE_URL": simulator.url + "/v1",
+        "INFERENCE_MODEL": MODEL,
+        "INFERENCE_HOST": "127.0.0.1",
+        "INFERENCE_PORT": str(port),
+        "INFERENCE_MODLE": "sk-do-not-print",
+    }
+    server = start([*command, "--port", str(port)], port=port, env=env, log_dir=log_dir, ready_path="/health/live")
+    server.stop()  # every line is written once the process has exited
+    logged = [json.loads(line) for line in server.output.splitlines() if "INFERENCE_MODLE" in line]
+    assert [(line["level"], line["logger"], line["message"]) for line in logged] == [
+        ("warning", "inference_core.config", "INFERENCE_MODLE is not a setting; did you mean INFERENCE_MODEL?")
+    ]
+    assert "sk-do-not-print" not in server.output

@@ -180,7 +180,19 @@ def test_unset_variable_names_the_key_and_the_variable_only(tmp_path: Path) -> N
         ),
         ("backends: {bad name: {base_url: http://a/v1}}\n", "backends.bad name: a name is 1-64 letters"),
         ("backends: {a: {base_url: [http://a/v1, 'ftp://b']}}\n", "backends.a.base_url[1]: not an http:// or https://"),
-        ("backends: {a: {base_url: http://a/v1, weight: 2}}\n", "backends.a.weight: Extra inputs are not permitted"),
+        (
+            "backends: {a: {base_url: http://a/v1, weight: 2}}\n",
+            f"backends.a.weight: unknown key (accepts {', '.join(BackendConfig.model_fields)})",
+        ),
+        (
+            "backends: {local: {base_url: http://a/v1, lb_polcy: round_robin}}\n",
+            "backends.local.lb_polcy: unknown key (did you mean lb_policy?)",
+        ),
+        ("keys: {team-a: {key: k, rmp: 5}}\n", "keys.team-a.rmp: unknown key (did you mean rpm?)"),
+        (
+            "models: {x: {target: default/m, fallbacs: [default/n]}}\n",
+            "models.x.fallbacs: unknown key (did you mean fallbacks?)",
+        ),
         ("backends: {a: {base_url: http://a/v1, provider: tgi}}\n", "backends.a.provider: Input should be 'vllm'"),
         ("backends: {a: {base_url: http://a/v1, max_concurrent_tasks: 0}}\n", "backends.a.max_concurrent_tasks: "),
         ("backends: {a: {base_url: http://a/v1, api_key: [sk-do-not-print]}}\n", "backends.a.api_key: Input should"),
@@ -204,6 +216,22 @@ def test_bad_file_is_one_line_naming_the_key(tmp_path: Path, text: str, expected
     path = write(tmp_path, text)
     message = problem(path)
     assert message.startswith(f"INFERENCE_CONFIG {path}: ") and expected in message
+
+
+def test_every_mistyped_key_is_named_in_the_one_line(tmp_path: Path) -> None:
+    text = """\
+backends:
+  local: {base_url: http://a/v1, timout: 5}
+  remote: {base_url: http://b/v1, provder: openai}
+keys:
+  team-a: {key: sk-do-not-print, max_concurent: 2}
+"""
+    path = write(tmp_path, text)
+    assert problem(path) == (
+        f"INFERENCE_CONFIG {path}: backends.local.timout: unknown key (did you mean timeout?); "
+        "backends.remote.provder: unknown key (did you mean provider?); "
+        "keys.team-a.max_concurent: unknown key (did you mean max_concurrent?)"
+    )
 
 
 def test_missing_file(tmp_path: Path) -> None:
