@@ -4,8 +4,10 @@ An nginx backend answers a fixed chat.completion (JSON) or a fixed 20-chunk SSE 
 drives it directly, and through each target: nginx ``proxy_pass`` (the floor for one hop),
 vllm-router (Rust, PyPI ``vllm-router``), the LiteLLM proxy (PyPI ``litellm[proxy]``, one
 worker, no database), inference-core with its defaults (queue, metrics, JSON access log to a
-file), inference-core from a three-backend configuration file (``inference-core-fleet``: the
-benchmark's model is routed past two other backends' globs to the third), with a named key whose
+file), the same started with the documented ``uvicorn inference_core.api:app`` command
+(``inference-core-uvicorn``), inference-core from a three-backend configuration file
+(``inference-core-fleet``: the benchmark's model is routed past two other backends' globs to the
+third), with a named key whose
 rpm and tpm count every request (``inference-core-keys``), and the same with the key's windows
 in Redis (``inference-core-redis``, a redis-server beside the backend). The target under test
 is pinned to core 0; the backend and wrk share core 1. For JSON and SSE, at concurrency 1 and 64,
@@ -58,7 +60,7 @@ MASTER_KEY = "sk-bench-master-key"
 T = TypeVar("T")
 TARGETS = (
     "direct", "nginx", "vllm-router", "litellm",
-    "inference-core", "inference-core-fleet", "inference-core-keys", "inference-core-redis",
+    "inference-core", "inference-core-uvicorn", "inference-core-fleet", "inference-core-keys", "inference-core-redis",
 )  # fmt: skip
 KINDS = ("json", "sse")
 CONCURRENCY = (1, 64)
@@ -234,6 +236,16 @@ def start_gateway(scratch: Path, backend: int, kind: str) -> Running:
     return Running(process, f"http://127.0.0.1:{port}")
 
 
+def start_uvicorn(scratch: Path, backend: int, kind: str) -> Running:
+    """inference-core started the way the brief documents it: ``uvicorn inference_core.api:app``."""
+    port = free_port()
+    env = {"INFERENCE_BASE_URL": f"http://127.0.0.1:{backend}/v1", "INFERENCE_MODEL": MODEL}
+    command = [sys.executable, "-m", "uvicorn", "inference_core.api:app", "--host", "127.0.0.1", "--port", str(port)]
+    with open(scratch / f"uvicorn-{kind}.log", "ab") as log:
+        process = spawn(command, f"http://127.0.0.1:{port}/health/ready", env=env, core=0, log=log)
+    return Running(process, f"http://127.0.0.1:{port}")
+
+
 def start_fleet(scratch: Path, backend: int, kind: str) -> Running:
     """inference-core with a three-backend file: the benchmark's model is the third backend's, by glob."""
     port = free_port()
@@ -292,6 +304,7 @@ STARTERS: dict[str, Starter] = {
     "vllm-router": start_router,
     "litellm": start_litellm,
     "inference-core": start_gateway,
+    "inference-core-uvicorn": start_uvicorn,
     "inference-core-fleet": start_fleet,
     "inference-core-keys": start_keyed,
     "inference-core-redis": start_redis_keyed,

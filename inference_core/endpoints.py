@@ -46,15 +46,17 @@ class Endpoint:
     anthropic: bool = False
     #: The body is a multipart form (an upload); its ``model`` and ``stream`` are form fields.
     form: bool = False
+    #: Its streams report usage only when asked (``stream_options.include_usage``): the gateway asks.
+    usage_on_request: bool = False
 
 
 CHAT = Endpoint(
     "/v1/chat/completions", "chat/completions", "chat", "Chat completion",
-    protocol.ChatCompletionRequest, protocol.ChatCompletion, streams=True,
+    protocol.ChatCompletionRequest, protocol.ChatCompletion, streams=True, usage_on_request=True,
 )  # fmt: skip
 COMPLETIONS = Endpoint(
     "/v1/completions", "completions", "text_completion", "Text completion",
-    protocol.CompletionRequest, protocol.Completion, streams=True,
+    protocol.CompletionRequest, protocol.Completion, streams=True, usage_on_request=True,
 )  # fmt: skip
 EMBEDDINGS = Endpoint(
     "/v1/embeddings", "embeddings", "embeddings", "Embeddings", protocol.EmbeddingRequest, protocol.EmbeddingList

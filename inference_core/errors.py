@@ -49,10 +49,15 @@ _ANTHROPIC_TYPES = {
 }  # fmt: skip
 
 
+def anthropic_type(status: int) -> str:
+    """Anthropic's error ``type`` for an HTTP status."""
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
 def anthropic_error_body(status: int, message: str, request_id: str | None = None) -> bytes:
     """Anthropic's error envelope (``{"type": "error", "error": {...}}``), for its Messages API routes."""
-    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id})
+    error = {"type": anthropic_type(status), "message": message}
+    return orjson.dumps({"type": "error", "error": error, "request_id": request_id})
 
 
 class GatewayError(Exception):
@@ -73,6 +78,11 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, param=self.param, code=self.code)
+
+    @property
+    def label(self) -> str:
+        """What the client's body says went wrong (its ``code``, else its ``type``), for logs and spans."""
+        return self.code or self.type
 
     def anthropic_body(self, request_id: str | None = None) -> bytes:
         message = self.message or f"The request failed with HTTP {self.status}."
@@ -224,3 +234,17 @@ class UpstreamStatusError(UpstreamError):
 
     def body(self) -> bytes:
         return self.raw if self.raw is not None else orjson.dumps({"error": self.payload})
+
+    @property
+    def label(self) -> str:
+        payload = self.payload
+        if self.raw is not None:  # relayed as the backend wrote it
+            try:
+                payload = orjson.loads(self.raw)["error"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                payload = {}
+        for field in ("code", "type"):
+            value = payload.get(field) if isinstance(payload, dict) else None
+            if isinstance(value, str) and value:
+                return value
+        return "server_error" if self.status >= 500 else "invalid_request_error"

@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from inference_core import sse
 from inference_core.engine import Stream
-from inference_core.errors import ClientDisconnected, GatewayError
+from inference_core.errors import ClientDisconnected, GatewayError, anthropic_type
 from inference_core.observability import Metrics, RequestRecord
 
 log = logging.getLogger("inference_core")
@@ -108,11 +108,8 @@ class EventStreamResponse:
             async for frame in self.stream.frames:
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
                 record.event_sent(time.perf_counter(), self.metrics)
-                found = sse.usage(frame)
-                if found is not None and record.outcome is not None:
-                    record.outcome.count_usage(found)
         except GatewayError as exc:
-            record.error = exc.code
+            record.error = anthropic_type(exc.status) if self.anthropic else exc.label
             await send({"type": "http.response.body", "body": self._error_event(exc), "more_body": True})
         except Exception:
             log.exception("stream relay failed")

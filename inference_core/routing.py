@@ -55,21 +55,30 @@ class Router:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        route = scope["route"] = self._match(scope)
+        if method == "HEAD":
+            # Answered as GET would be (RFC 9110 9.3.2); the server, which still sees HEAD, sends no body.
+            scope = {**scope, "method": "GET"}
         request = Request(scope, receive)
-        route = self._match(scope)
         try:
             if route is None:
-                raise NotFound(f"Invalid URL ({scope['method']} {scope['path']}).")
-            scope["route"] = route
+                raise NotFound(f"Invalid URL ({method} {scope['path']}).")
             handler = route.methods.get(scope["method"])
             if handler is None:
-                error = MethodNotAllowed(f"Method not allowed ({scope['method']} {scope['path']}).")
-                error.headers["allow"] = ", ".join(route.methods)
+                error = MethodNotAllowed(f"Method not allowed ({method} {scope['path']}).")
+                error.headers["allow"] = ", ".join(_allowed(route))
                 raise error
             response = await handler(request)
         except GatewayError as error:
             response = self.on_error(request, error)
         await response(scope, receive, send)
+
+
+def _allowed(route: Route) -> list[str]:
+    """The methods a route answers: HEAD wherever GET is."""
+    methods = list(route.methods)
+    return [*methods, "HEAD"] if "GET" in methods and "HEAD" not in methods else methods
 
 
 class Lifespan:

@@ -49,6 +49,15 @@ class Outcome:
             headers[FALLBACKS_HEADER] = str(self.fallbacks)
         return headers
 
+    @classmethod
+    def summed(cls, outcomes: list[Outcome]) -> Outcome:
+        """The tokens of several calls together (None where none of them reported any)."""
+        prompt = [o.prompt_tokens for o in outcomes if o.prompt_tokens is not None]
+        completion = [o.completion_tokens for o in outcomes if o.completion_tokens is not None]
+        return cls(
+            prompt_tokens=sum(prompt) if prompt else None, completion_tokens=sum(completion) if completion else None
+        )
+
     def count_usage(self, usage: object) -> None:
         """Chat and completions say prompt/completion tokens; the Responses API says input/output."""
         if isinstance(usage, dict):

@@ -19,7 +19,7 @@ import orjson
 
 from inference_core import multipart, sse
 from inference_core.endpoints import Endpoint
-from inference_core.engine import retry
+from inference_core.engine import retry, usage
 from inference_core.engine.admission import Admission
 from inference_core.engine.affinity import AffinityStore
 from inference_core.engine.backend import Backend, model_entries, model_entry, upstream_error
@@ -217,9 +217,11 @@ class Engine:
 
     async def _stream_at(self, call: Call, destination: Destination, pinned: Replica | None) -> Stream:
         backend = destination.backend
+        # Exact usage for the key's tokens, metrics and logs, even where the client did not ask for it.
+        hide_usage = call.endpoint.usage_on_request and backend.config.stream_usage and not usage.asked(call.payload)
         await self._take_slot(call, backend)
         try:
-            sent, headers, _ = await self._with_retries(call, destination, pinned, stream=True)
+            sent, headers, _ = await self._with_retries(call, destination, pinned, stream=True, ask_usage=hide_usage)
         except BaseException:
             self._free_slot(backend)
             raise
@@ -231,6 +233,7 @@ class Engine:
         frames = sse.whole_frames(sent.response.chunks(), call.endpoint.stream_ends)
         if call.endpoint.stores_responses:
             frames = self._remembering(frames, backend, sent.replica)
+        frames = usage.counted(frames, call.outcome, hide=hide_usage)
         return Stream(frames, headers, sent.response, release)
 
     async def _remembering(
@@ -291,7 +294,7 @@ class Engine:
         return raw, translation.dropped
 
     async def _with_retries(
-        self, call: Call, destination: Destination, pinned: Replica | None, *, stream: bool
+        self, call: Call, destination: Destination, pinned: Replica | None, *, stream: bool, ask_usage: bool = False
     ) -> tuple[Sent, dict[str, str], bytes | None]:
         """Send until an attempt succeeds, the error is not worth retrying, or time runs out.
 
@@ -304,6 +307,8 @@ class Engine:
         policy = self.retry_policy
         max_retries = policy.max_retries if call.max_retries is None else min(call.max_retries, policy.max_retries)
         payload, client_raw = self._routed(call, destination.model)
+        if ask_usage:
+            payload, client_raw = usage.ask(payload, client_raw)
         name, attributes = self._span_details(call, destination) if self.tracer.enabled else ("", {})
         rate_limiter = backend.rate_limiter
         tried: list[Replica] = []

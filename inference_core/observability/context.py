@@ -38,6 +38,8 @@ class RequestRecord:
     #: Why the key's request was refused (rpm, tpm, model_not_allowed, queue_timeout...).
     rejection: str | None = None
     outcome: Outcome | None = None
+    #: A batch's entries, each with its model and outcome (``outcome`` then holds their total).
+    entries: tuple[tuple[str | None, Outcome], ...] = ()
     stream: bool = False
     first_event: float | None = None
     last_event: float | None = None
@@ -66,10 +68,11 @@ class RequestContext:
     been sent yet: no traceback ever reaches a client.
     """
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, tracer: Tracer) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, tracer: Tracer, access_log: bool = True) -> None:
         self.app = app
         self.metrics = metrics
         self.tracer = tracer
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,7 +124,8 @@ class RequestContext:
                     span.set("gen_ai.request.model", record.model)
                     span.set("gen_ai.usage.input_tokens", outcome.prompt_tokens)
                     span.set("gen_ai.usage.output_tokens", outcome.completion_tokens)
-                self._log(scope, record, endpoint, status, finished)
+                if self.access_log:
+                    self._log(scope, record, endpoint, status, finished)
 
     def _measure(
         self, record: RequestRecord, endpoint: str, status: int, finished: float, response_started: float
@@ -146,15 +150,14 @@ class RequestContext:
             metrics.of(metrics.upstream_latency, endpoint, outcome.backend).observe(outcome.upstream)
         for backend, kind in outcome.upstream_errors:
             metrics.of(metrics.upstream_errors, kind, backend).inc()
-        if outcome.prompt_tokens:
-            metrics.of(metrics.tokens, "prompt", model).inc(outcome.prompt_tokens)
-            if key is not None:
-                metrics.of(metrics.key_tokens, key, "prompt").inc(outcome.prompt_tokens)
-        if outcome.completion_tokens:
-            metrics.of(metrics.tokens, "completion", model).inc(outcome.completion_tokens)
-            if key is not None:
-                metrics.of(metrics.key_tokens, key, "completion").inc(outcome.completion_tokens)
-        if response_started and status < 400:
+        for entry_model, entry in record.entries or ((record.model, outcome),):
+            label = metrics.model_label(entry_model) if entry_model is not None else "none"
+            for kind, tokens in (("prompt", entry.prompt_tokens), ("completion", entry.completion_tokens)):
+                if tokens:
+                    metrics.of(metrics.tokens, kind, label).inc(tokens)
+                    if key is not None:
+                        metrics.of(metrics.key_tokens, key, kind).inc(tokens)
+        if response_started and status < 400 and outcome.backend is not None:
             own = response_started - record.started - outcome.queued - outcome.upstream - outcome.backoff
             metrics.of(metrics.overhead, endpoint).observe(max(own, 0.0))
         if record.first_event is not None:

@@ -107,6 +107,7 @@ class LoopFlushedHandler(logging.Handler):
 
 
 access_log = logging.getLogger("inference_core.access")
+UVICORN_ACCESS = "uvicorn.access"
 #: Where JSON access lines go directly, once ``configure_logging`` has set up the JSON format.
 _json_sink: LoopFlushedHandler | None = None
 
@@ -127,7 +128,12 @@ def log_access(fields: dict[str, Any]) -> None:
 
 
 def configure_logging(level: str, format: str = "json") -> None:
-    """Send every logger (uvicorn's included) through one handler on stderr."""
+    """Send every logger through one handler on stderr; the gateway writes the only access line.
+
+    uvicorn's access logger is left with no handler and no parent to reach, so uvicorn neither
+    writes its own line beside the gateway's nor spends time formatting one (it checks
+    ``hasHandlers()`` once per connection).
+    """
     # No formatter here prints the caller's file and line, so do not look them up for every record
     # (the logging HOWTO's "Optimization" section).
     logging._srcfile = None
@@ -138,6 +144,18 @@ def configure_logging(level: str, format: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    uvicorn_access = logging.getLogger(UVICORN_ACCESS)
+    uvicorn_access.handlers[:] = []
+    uvicorn_access.propagate = False
+
+
+def server_logs_access() -> bool:
+    """Whether the server running the app was left to log access (uvicorn's ``--no-access-log``, say, turns it off).
+
+    uvicorn and gunicorn's uvicorn workers say so the same way: their access logger can reach a
+    handler. Read it before ``configure_logging`` replaces that logger's handlers.
+    """
+    return logging.getLogger(UVICORN_ACCESS).hasHandlers()
