@@ -1,6 +1,6 @@
 """inference-core side by side with nginx, vLLM's Rust router and LiteLLM, in front of one fixed backend.
 
-An nginx backend answers a fixed chat.completion (JSON) or a fixed 20-chunk SSE stream. wrk
+An nginx backend answers a fixed chat.completion (JSON) or a fixed 20-chunk SSE stream (and its usage). wrk
 drives it directly, and through each target: nginx ``proxy_pass`` (the floor for one hop),
 vllm-router (Rust, PyPI ``vllm-router``), the LiteLLM proxy (PyPI ``litellm[proxy]``, one
 worker, no database), inference-core with its defaults (queue, metrics, JSON access log to a
@@ -104,6 +104,12 @@ def event_stream(chunks: int = 20) -> bytes:
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
         }  # fmt: skip
         frames.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    # What vLLM adds for the gateway, which asks every stream's usage (and takes this event out again).
+    usage = {
+        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000, "model": MODEL,
+        "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": chunks, "total_tokens": 12 + chunks},
+    }  # fmt: skip
+    frames.append(b"data: " + orjson.dumps(usage) + b"\n\n")
     return b"".join(frames) + b"data: [DONE]\n\n"
 
 

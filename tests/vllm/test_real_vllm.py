@@ -15,8 +15,9 @@ import jsonschema
 import openai
 import pytest
 
-from tests.servers import Server
+from tests.servers import Server, metric, until
 from tests.test_batches import finished, jsonl, results
+from tests.test_observability import _log_line
 from tests.vllm.conftest import EMBEDDING_MODEL, LORA, MODEL
 
 pytestmark = pytest.mark.vllm
@@ -66,6 +67,20 @@ def test_streams_with_usage(client: openai.OpenAI) -> None:
     assert streamed and chunks[-1].usage.completion_tokens <= 8
     text = list(client.completions.create(model=MODEL, prompt="x", max_tokens=5, stream=True))
     assert any(c.choices and c.choices[0].finish_reason for c in text)
+
+
+def test_a_stream_that_did_not_ask_for_usage_is_counted_exactly(client: openai.OpenAI, gateway: Server) -> None:
+    chat = _ask(client, max_tokens=1)
+    assert chat.usage is not None
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8, "stream": True}
+    with httpx.stream(
+        "POST", gateway.url + "/v1/chat/completions", json=body, headers={"x-request-id": "vllm-usage"}, timeout=120
+    ) as answer:
+        relayed = answer.read()
+    # What vLLM itself sends a client that did not ask: no usage anywhere.
+    assert b'"usage"' not in relayed and relayed.endswith(b"data: [DONE]\n\n")
+    line = _log_line(gateway, "vllm-usage")
+    assert line["prompt_tokens"] == chat.usage.prompt_tokens and 1 <= line["completion_tokens"] <= 8
 
 
 def test_logprobs(client: openai.OpenAI) -> None:
@@ -122,7 +137,7 @@ def test_embeddings(embed_gateway: Server) -> None:
     assert len(base64.b64decode(raw["data"][0]["embedding"])) == 384 * 4
 
 
-def test_priority_ordering(gateway: Server) -> None:
+def test_priority_ordering(gateway: Server, vllm_chat: Server) -> None:
     """One sequence slot: a high-priority request overtakes a low-priority one queued before it."""
 
     def ask(priority: int, max_tokens: int) -> float:
@@ -134,12 +149,18 @@ def test_priority_ordering(gateway: Server) -> None:
         assert response.status_code == 200, response.text
         return time.monotonic()
 
+    def shown(waiting: int) -> bool:
+        """vLLM runs one request and has ``waiting`` more in its queue."""
+        counts = metric(vllm_chat, "vllm:num_requests_running"), metric(vllm_chat, "vllm:num_requests_waiting")
+        return counts == (1, waiting)
+
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         long_low = pool.submit(ask, 10, 600)
-        time.sleep(0.5)
+        until(lambda: shown(0), "the long request never started")
         queued_low = pool.submit(ask, 10, 20)
-        time.sleep(0.3)
+        until(lambda: shown(1), "the low-priority request never queued")
         queued_high = pool.submit(ask, -10, 20)
+        until(lambda: shown(2), "the high-priority request never queued")
         assert queued_high.result() < queued_low.result()
         long_low.result()
 
@@ -158,15 +179,13 @@ def _generated(vllm_chat: Server) -> float:
 
 def test_disconnect_mid_stream_aborts_in_vllm(gateway: Server, vllm_chat: Server) -> None:
     body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    before = _generated(vllm_chat)
     with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         for _ in range(3):
             next(lines)
-    time.sleep(1.0)
-    settled = _generated(vllm_chat)
-    time.sleep(1.5)
-    assert _generated(vllm_chat) == settled, "vLLM kept generating after the client left"
-    assert _generated(vllm_chat) > 0
+    until(lambda: metric(vllm_chat, "vllm:num_requests_running") == 0, "vLLM kept generating after the client left")
+    assert 0 < _generated(vllm_chat) - before < 1000, "vLLM let go of the request before its 1000 tokens"
 
 
 def test_vllm_errors_reach_the_client(gateway: Server, client: openai.OpenAI) -> None:
