@@ -65,7 +65,7 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 #: A request header: at most this many gateway retries for this request (never more than configured).
 MAX_RETRIES_HEADER = "x-inference-max-retries"
 #: Methods whose unknown ``/v1`` paths answer 404 (only a POST naming a model is passed through).
-_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # HEAD: as GET, for every route
 
 
 async def read_body(request: Request, limit: int, within: float) -> bytes:
