@@ -16,9 +16,10 @@ import openai
 import orjson
 import pytest
 
+from inference_core.batch.batches import shown
 from tests.conftest import MODEL, sim_stats
 from tests.openai_schemas import OpenAISchemas
-from tests.servers import Server, free_port, start_fleet, start_gateway
+from tests.servers import Server, free_port, metric, start_fleet, start_gateway, until
 
 Spawn = Callable[..., Server]
 
@@ -38,6 +39,12 @@ def finished(client: openai.OpenAI, batch_id: str, seconds: float = 60) -> Any:
         assert time.monotonic() < deadline, batch
         time.sleep(0.1)
     return batch
+
+
+def lines_done(client: openai.OpenAI, batch_id: str) -> int:
+    """The lines of a running batch that have their result."""
+    counts = client.batches.retrieve(batch_id).request_counts
+    return 0 if counts is None else counts.completed + counts.failed
 
 
 def results(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
@@ -110,7 +117,7 @@ def test_cancel_delivers_what_is_done(spawn: Spawn, simulator: Server, tmp_path:
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
         source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
         batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
-        time.sleep(1.0)
+        until(lambda: lines_done(client, batch.id) > 0, "no line ran")
         assert 'inference_core_batches{status="in_progress"} 1.0' in httpx.get(gateway.url + "/metrics").text
         assert httpx.get(gateway.url + "/health").json()["batches"] == {"running": 1}
         assert client.batches.cancel(batch.id).status == "cancelling"
@@ -190,10 +197,13 @@ def test_a_batch_whose_key_is_removed_stops_spending(log_dir: Path, simulator: S
             batch = client.batches.create(
                 input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
             )
-            time.sleep(0.5)
+            until(lambda: lines_done(client, batch.id) > 0, "no line ran")
             reload(fleet, key_works=False)
             sent = sim_stats(simulator)["requests"]["/v1/chat/completions"]
-            time.sleep(0.5)  # the rest of the batch runs into the missing key meanwhile
+            until(
+                lambda: metric(gateway, "inference_core_batch_lines_total") == 40,  # completed or failed
+                "the rest of the batch never ran into the missing key",
+            )
             reload(fleet + "  team: {key: sk-team-2}\n", key_works=True)
             done = finished(client, batch.id)
             errors = results(client, done.error_file_id)
@@ -250,7 +260,7 @@ def interrupted(log_dir: Path, spawn: Spawn, tmp_path: Path, count: int, how: si
             batch = client.batches.create(
                 input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
             )
-            time.sleep(0.8)
+        until(lambda: sim_stats(simulator)["requests"].get("/v1/chat/completions", 0) > 0, "no line was sent")
         gateway.process.send_signal(how)
         assert gateway.process.wait(30) == (0 if how is signal.SIGTERM else -how)  # SIGTERM: a clean exit
         sent_before = sim_stats(simulator)["requests"]["/v1/chat/completions"]
@@ -297,10 +307,11 @@ def test_batch_routes_refuse_what_they_do_not_know(spawn: Spawn, simulator: Serv
 
 
 def test_lines_not_run_when_the_window_closes_expire(spawn: Spawn, simulator: Server, tmp_path: Path) -> None:
+    # The window closes 2 to 3 s in (at a whole second), long before the 12 lines' 6 s.
     gateway = spawn(
-        "gateway", simulator.url, data_dir=str(tmp_path), batch_max_concurrent="1", batch_window_seconds="1"
+        "gateway", simulator.url, data_dir=str(tmp_path), batch_max_concurrent="1", batch_window_seconds="2"
     )
-    lines = [chat_line(f"late-{i}", sim_fault="delay=0.3") for i in range(12)]
+    lines = [chat_line(f"late-{i}", sim_fault="delay=0.5") for i in range(12)]
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
         source = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
         batch = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
@@ -419,3 +430,9 @@ def test_the_batch_commands_help_is_plain_text() -> None:
         result = batch_command(*command, "--help")
         assert result.returncode == 0 and result.stdout.startswith("usage: inference-core batch")
         assert "``" not in result.stdout and ":class:" not in result.stdout and "<" not in result.stdout
+
+
+def test_an_expiring_batch_shows_finalizing_until_its_files_are_written() -> None:
+    record = {"id": "batch_x", "status": "expired", "expired_at": None, "output_file_id": None}
+    assert shown(record) == {"id": "batch_x", "status": "finalizing"}
+    assert shown(record | {"expired_at": 5, "output_file_id": "file-1"})["status"] == "expired"

@@ -530,7 +530,13 @@ def _live(db: Connection, stored: str, cancel_at: int | None) -> dict[str, Any]:
 
 
 def shown(record: dict[str, Any]) -> dict[str, Any]:
-    """A batch as OpenAI's schema has it: fields not reached yet are left out, not null."""
+    """A batch as OpenAI's schema has it: fields not reached yet are left out, not null.
+
+    A batch whose window closed is stored as expired before its files are written (so that a
+    restart finishes it as expired), and shows as finalizing until they are.
+    """
+    if record["status"] == "expired" and not record["expired_at"]:
+        record = record | {"status": "finalizing"}
     return {key: value for key, value in record.items() if value is not None}
 
 
