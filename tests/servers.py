@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+T = TypeVar("T")
 
 STARTUP_SECONDS = 20.0
 
@@ -112,3 +119,46 @@ def start_fleet(log_dir: Path, config: Path, env: dict[str, str] | None = None, 
     }
     env.update({f"INFERENCE_{name.upper()}": value for name, value in settings.items()})
     return start(["inference_core"], port=port, env=env, log_dir=log_dir, ready_path="/health/live")
+
+
+def until(check: Callable[[], T], what: str, *, seconds: float = 30.0) -> T:
+    """Poll ``check`` until it returns something true, and return that; fail with ``what`` after ``seconds``.
+
+    For state a test must see before it goes on (a request queued, a line logged): the deadline
+    only bounds a test that would otherwise hang, it is never what the test measures.
+    """
+    deadline = time.monotonic() + seconds
+    while not (result := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+    return result
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """The sum of the samples ``name`` whose labels include ``labels``, at the server's /metrics (0: none)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+@contextlib.contextmanager
+def held(
+    server: Server, path: str, body: dict[str, Any], *, headers: dict[str, str] | None = None
+) -> Iterator[socket.socket]:
+    """A request sent on a socket of its own whose answer is never read.
+
+    The request lasts until the socket is closed (``close()``, or the end of the block): the
+    server sees its client leave. Give it a body the backend takes long over (a stream with
+    ``sim_fault="ttft=60"``) to hold a slot for exactly as long as a test needs it.
+    """
+    url = httpx.URL(server.url)
+    payload = json.dumps(body).encode()
+    head = {"host": f"{url.host}:{url.port}", "content-type": "application/json", "content-length": str(len(payload))}
+    lines = [f"POST {path} HTTP/1.1", *(f"{k}: {v}" for k, v in (head | (headers or {})).items())]
+    sock = socket.create_connection((url.host, url.port))
+    with sock:
+        sock.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + payload)
+        yield sock

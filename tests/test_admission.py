@@ -30,6 +30,7 @@ def test_priority_then_arrival_order() -> None:
         for name, priority in (("a", 1), ("b", 0), ("c", 1), ("d", -2)):
             tasks.append(asyncio.create_task(wait(name, priority)))
             await asyncio.sleep(0)
+            assert admission.waiting == len(tasks)  # queued in the order created
         admission.release(lane)
         await asyncio.gather(*tasks)
         assert admission.in_flight == 0 and admission.waiting == 0
@@ -123,6 +124,7 @@ def test_the_gateway_total_hands_slots_out_by_priority_across_lanes() -> None:
         for name, lane, priority in (("a1", "a", 1), ("b1", "b", 1), ("b0", "b", 0), ("a-1", "a", -1)):
             tasks.append(asyncio.create_task(wait(name, lane, priority)))
             await asyncio.sleep(0)
+            assert admission.waiting == len(tasks)  # queued in the order created
         admission.release(lanes["a"])
         await asyncio.gather(*tasks)
         assert admission.in_flight == 0 and admission.waiting == 0

@@ -39,10 +39,10 @@ def test_one_failure_fails_only_itself(http: httpx.Client, schemas: OpenAISchema
 
 
 def test_items_run_concurrently(http: httpx.Client) -> None:
-    items = [chat_body(sim_fault="delay=0.5") for _ in range(8)]
+    items = [chat_body(sim_fault="delay=1") for _ in range(8)]
     started = time.monotonic()
     results = http.post("/v1/batch/chat/completions", json=items).json()["results"]
-    assert time.monotonic() - started < 3.5, "eight 0.5 s items one after another would take 4 s"
+    assert time.monotonic() - started < 5, "eight 1 s items one after another would take 8 s"
     assert all(r["object"] == "chat.completion" for r in results)
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import MODEL, sim_stats
 from tests.postgres import PostgreSQL
-from tests.servers import Server, free_port
-from tests.test_batches import chat_line, finished, jsonl, results, run_200_mb
+from tests.servers import Server, free_port, until
+from tests.test_batches import chat_line, finished, jsonl, lines_done, results, run_200_mb
 
 Spawn = Callable[..., Server]
 
@@ -67,7 +67,7 @@ def test_a_batch_is_cancelled_through_another_replica(spawn: Spawn, simulator: S
     with client(one) as first, client(two) as second:
         source = first.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
         batch = first.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
-        time.sleep(1.0)
+        until(lambda: lines_done(second, batch.id) > 0, "no line ran")
         assert second.batches.cancel(batch.id).status == "cancelling"
         assert first.batches.retrieve(batch.id).status == "cancelling"
         done = finished(first, batch.id)
@@ -109,7 +109,7 @@ def handed_over(spawn: Spawn, postgres: PostgreSQL, how: signal.Signals, count: 
     with client(running) as first:
         source = first.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
         batch = first.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
-        time.sleep(1.0)
+    until(lambda: sim_stats(simulator)["requests"].get("/v1/chat/completions", 0) > 0, "no line was sent")
     running.process.send_signal(how)
     assert running.process.wait(30) == (0 if how is signal.SIGTERM else -how)
     stopped, sent_before = time.monotonic(), sim_stats(simulator)["requests"]["/v1/chat/completions"]
@@ -149,6 +149,6 @@ def test_an_unreachable_database_answers_503_and_never_shows_its_password(spawn:
         with pytest.raises(openai.InternalServerError):
             sdk.batches.list()
         assert sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}]).choices
-    time.sleep(0.5)  # the lease keeper has tried the database by now
+    until(lambda: "batch leases not renewed" in gateway.output, "the lease keeper never tried the database")
     gateway.stop()
     assert "pw-9f3e1" not in gateway.output and "storage_unavailable" in gateway.output

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import SdkFor, chat_body
 from tests.openai_schemas import OpenAISchemas
-from tests.servers import Server, free_port, start_simulator
+from tests.servers import Server, free_port, held, metric, start_simulator, until
 
 Spawn = Callable[..., Server]
 
@@ -140,8 +140,11 @@ def broken(request: pytest.FixtureRequest) -> Iterator[BrokenUpstream]:
 
 
 def _healthy_afterwards(gateway: Server, good: Server) -> None:
-    metrics = httpx.get(gateway.url + "/metrics").text
-    assert "inference_core_in_flight 0.0" in metrics and "inference_core_queue_depth 0.0" in metrics
+    def settled() -> bool:  # a client that left is let go of as soon as the gateway sees it leave
+        metrics = httpx.get(gateway.url + "/metrics").text
+        return "inference_core_in_flight 0.0" in metrics and "inference_core_queue_depth 0.0" in metrics
+
+    until(settled, "requests still held")
     assert httpx.get(gateway.url + "/health/live").status_code == 200
     assert httpx.post(good.url + "/v1/chat/completions", json=chat_body()).status_code == 200
 
@@ -265,21 +268,27 @@ def _rss_mb(server: Server) -> float:
 def test_backend_restart_while_requests_are_queued(spawn: Spawn, log_dir: Path) -> None:
     port = free_port()
     backend = start_simulator(log_dir, port=port)
-    # Enough retries that their random (full-jitter) waits outlast the restart, whatever the draw.
+    # Enough retries that their random (full-jitter) waits (about 20 s in all, rarely under 15 s)
+    # outlast the restart, even on a busy machine.
     gateway = spawn(
         "gateway",
         backend.url,
         max_concurrent_tasks="1",
-        max_retries="20",
+        max_retries="80",
         retry_base_delay="0.2",
         retry_max_delay="0.5",
     )
+    # A stream the backend would take a minute to start: it holds the only slot until closed.
+    hold = chat_body(stream=True, sim_fault="ttft=60")
     try:
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool, held(gateway, "/v1/chat/completions", hold) as busy:
+            until(lambda: metric(gateway, "inference_core_in_flight") == 1, "the slot was never taken")
             answers = [pool.submit(_post_slow, gateway) for _ in range(3)]
-            time.sleep(0.3)
+            until(lambda: metric(gateway, "inference_core_queue_depth") == 3, "the requests never queued")
+            backend.process.terminate()  # it stops listening, and ends once the held stream is let go
+            busy.close()
             backend.stop()
-            time.sleep(0.5)
+            until(lambda: metric(gateway, "inference_core_upstream_retries_total") > 0, "no request met the gap")
             backend = start_simulator(log_dir, port=port)
             assert [future.result().status_code for future in answers] == [200, 200, 200]
     finally:

@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import openai
 import pytest
 
 from tests.conftest import FAST_RETRIES, LORA, MODEL, Configured, chat_body, sim_stats
-from tests.servers import Server, start_fleet, start_simulator
+from tests.servers import Server, held, metric, start_fleet, start_simulator, until
 
 CODER = "coder-7b"
 OPENAI_KEY = "sk-openai-fleet-secret-77c1"
@@ -239,20 +238,23 @@ def test_a_full_backend_falls_back_and_a_slow_one_does_not_hold_up_another(
 ) -> None:
     """``local`` has one slot, taken by a slow request: ``chat`` waits past queue_timeout, then
     moves to ``openai``; requests for ``coder`` meanwhile never wait for a slot."""
-    slow = start_simulator(log_dir, "--ttft", "3")
+    slow = start_simulator(log_dir)
     try:
         block = f"provider: vllm\n    base_url: {slow.url}/v1\n    max_concurrent_tasks: 1"
         gateway = fleet(fleet_yaml(slow, sims[1], sims[2], local=block), queue_timeout="0.5")
-        occupier = threading.Thread(target=chat, args=(gateway,), kwargs={"model": MODEL})
-        occupier.start()
-        time.sleep(0.5)
-        coder = [chat(gateway, model=CODER) for _ in range(5)]
-        assert all(served_by(r) == (200, "coder", "0") for r in coder)
-        assert max(float(r.headers["x-inference-queue-ms"]) for r in coder) < 50
-        moved = chat(gateway, model="chat")
-        assert served_by(moved) == (200, "openai", "1")
-        assert float(moved.headers["x-inference-queue-ms"]) >= 400  # it waited for local's slot first
-        occupier.join()
+        # A stream the backend would take a minute to start: it holds local's slot until closed.
+        occupier = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+        with held(gateway, "/v1/chat/completions", {**occupier, "sim_fault": "ttft=60"}):
+            until(
+                lambda: metric(gateway, "inference_core_backend_in_flight", backend="local") == 1,
+                "the slow request never took local's slot",
+            )
+            coder = [chat(gateway, model=CODER) for _ in range(5)]
+            assert all(served_by(r) == (200, "coder", "0") for r in coder)
+            assert max(float(r.headers["x-inference-queue-ms"]) for r in coder) < 50
+            moved = chat(gateway, model="chat")
+            assert served_by(moved) == (200, "openai", "1")
+            assert float(moved.headers["x-inference-queue-ms"]) >= 400  # it waited for local's slot first
     finally:
         slow.stop()
 
@@ -274,20 +276,20 @@ def test_sighup_reloads_during_traffic_without_a_failed_request(
     for worker in workers:
         worker.start()
     try:
-        time.sleep(0.3)
+        until(lambda: len(statuses) > 5, "no traffic before the reload")
         # The alias now goes to the coder backend; a new backend appears, an old one goes.
         changed = fleet_yaml(*sims).replace("  local:\n", "  again:\n").replace(f"local/{MODEL}", f"again/{MODEL}")
         changed = changed.replace(f"target: again/{MODEL}", f"target: coder/{CODER}")
         path.write_text(changed)
         os.kill(gateway.process.pid, signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while chat(gateway, model="chat").headers.get("x-inference-backend") != "coder":
-            assert time.monotonic() < deadline, gateway.output
-            time.sleep(0.05)
-        time.sleep(0.3)
+        until(lambda: chat(gateway, model="chat").headers.get("x-inference-backend") == "coder", "not reloaded")
+        reloaded = len(statuses)
+        until(lambda: len(statuses) > reloaded + 5, "no traffic after the reload")
         path.write_text("backends: [this is not a mapping")
         os.kill(gateway.process.pid, signal.SIGHUP)
-        time.sleep(0.5)
+        until(lambda: "configuration not reloaded" in gateway.output, "the bad file was never read")
+        refused = len(statuses)
+        until(lambda: len(statuses) > max(refused + 5, 20), "no traffic after the refused reload")
     finally:
         stop.set()
         for worker in workers:

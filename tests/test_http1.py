@@ -140,7 +140,7 @@ async def started(client: HTTP1Transport) -> HTTP1Transport:
 
 
 async def exchange(
-    script: Script, *, count: int = 1, pause: float = 0.0, stream: bool = False, **options: Any
+    script: Script, *, count: int = 1, stream: bool = False, **options: Any
 ) -> tuple[list[tuple[int, dict[str, str], bytes]], Upstream]:
     """``count`` requests one after another from one client to a server running ``script``.
 
@@ -148,11 +148,7 @@ async def exchange(
     """
     async with Upstream(script) as upstream:
         client = await started(transport(upstream, **options))
-        answers = []
-        for index in range(count):
-            if index:
-                await asyncio.sleep(pause)
-            answers.append(await fetch(client, stream=stream))
+        answers = [await fetch(client, stream=stream) for _ in range(count)]
         return answers, upstream
 
 
@@ -230,19 +226,32 @@ def test_a_second_answer_glued_to_the_first_is_never_relayed(run: Run[None], str
 
 
 def test_bytes_on_an_idle_connection_close_it(run: Run[None]) -> None:
-    async def script(peer: Peer) -> None:
-        if peer.index == 0:
-            await peer.request()
-            await peer.send(ok(b"first"))
-            await asyncio.sleep(0.05)
-            await peer.send(ok(b"unasked for"))  # the answer to a request nobody sent yet
-            await peer.request()
-            await peer.send(ok(b"late"))
-        else:
-            await peer.serve(lambda _: peer.send(ok(b"second")))
+    async def main() -> None:
+        idle, hung_up = asyncio.Event(), asyncio.Event()
 
-    answers, upstream = run(exchange(script, count=2, pause=0.2, timeout=5))
-    assert [body for _, _, body in answers] == [b"first", b"second"] and upstream.connections == 2
+        async def script(peer: Peer) -> None:
+            if peer.index == 0:
+                await peer.request()
+                await peer.send(ok(b"first"))
+                await idle.wait()
+                await peer.send(ok(b"unasked for"))  # the answer to a request nobody sent yet
+                if await peer.request() is None:
+                    hung_up.set()
+                    return
+                await peer.send(ok(b"late"))
+            else:
+                await peer.serve(lambda _: peer.send(ok(b"second")))
+
+        async with Upstream(script) as upstream:
+            client = await started(transport(upstream, timeout=5))
+            answers = [await fetch(client)]
+            idle.set()  # the first answer is read whole: the connection waits in the pool
+            async with asyncio.timeout(10):
+                await hung_up.wait()  # the client hangs up on the bytes nobody asked for
+            answers.append(await fetch(client))
+            assert [body for _, _, body in answers] == [b"first", b"second"] and upstream.connections == 2
+
+    run(main())
 
 
 @pytest.mark.parametrize("extra", [b"hello world", b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"])

@@ -7,7 +7,6 @@ import contextlib
 import json
 import re
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MODEL, chat_body
-from tests.servers import Server, free_port
+from tests.servers import Server, free_port, metric, until
 
 Spawn = Callable[..., Server]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -88,9 +87,16 @@ def test_stream_metrics_and_aborts(gateway: Server, http: httpx.Client) -> None:
         response.read()
     with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True, sim_fault="itl=0.2")) as response:
         next(response.iter_lines())
-    time.sleep(0.3)
-    after = scrape(gateway)
     chat = "/v1/chat/completions"
+
+    def both_recorded() -> Samples | None:  # a stream is counted once it has ended, after its last byte
+        samples = scrape(gateway)
+        done = value(samples, "inference_core_request_duration_seconds_count", endpoint=chat) - value(
+            before, "inference_core_request_duration_seconds_count", endpoint=chat
+        )
+        return samples if done == 2 else None
+
+    after = until(both_recorded, "the two streams were never counted")
     assert (
         value(after, "inference_core_time_to_first_token_seconds_count", endpoint=chat)
         - value(before, "inference_core_time_to_first_token_seconds_count", endpoint=chat)
@@ -121,12 +127,15 @@ def _lines(server: Server) -> list[str]:
 
 
 def _log_line(server: Server, request_id: str) -> dict[str, object]:
-    for _ in range(50):
+    """The access log line of ``request_id``, once written (just after the answer went out)."""
+
+    def found() -> dict[str, object] | None:
         for line in _lines(server):
             if request_id in line and '"logger":"inference_core.access"' in line:
                 return json.loads(line)
-        time.sleep(0.05)
-    raise AssertionError(f"no access log line for {request_id}:\n{server.output[-2000:]}")
+        return None
+
+    return until(found, f"no access log line for {request_id}")
 
 
 def test_one_json_log_line_per_request(gateway: Server, http: httpx.Client) -> None:
@@ -145,8 +154,11 @@ def test_one_json_log_line_per_request(gateway: Server, http: httpx.Client) -> N
 def test_text_log_format(spawn: Spawn, simulator: Server) -> None:
     gateway = spawn("gateway", simulator.url, log_format="text")
     httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(), headers={"x-request-id": "text-log-1"})
-    time.sleep(0.2)
-    assert "request_id=text-log-1 " in gateway.output and "status=200" in gateway.output
+    line = until(
+        lambda: next((line for line in _lines(gateway) if "request_id=text-log-1 " in line), None),
+        "no access log line for text-log-1",
+    )
+    assert "status=200" in line
 
 
 def test_health_report_and_readiness(gateway: Server, http: httpx.Client) -> None:
@@ -164,10 +176,7 @@ def test_readiness_follows_the_backend(spawn: Spawn) -> None:
     gateway = spawn("gateway", backend.url, probe_interval="0.2")
     assert httpx.get(gateway.url + "/health/ready").status_code == 200
     backend.stop()
-    deadline = time.monotonic() + 3
-    while httpx.get(gateway.url + "/health/ready").status_code == 200:
-        assert time.monotonic() < deadline, "still ready with the backend gone"
-        time.sleep(0.1)
+    until(lambda: httpx.get(gateway.url + "/health/ready").status_code == 503, "still ready with the backend gone")
     assert httpx.get(gateway.url + "/health/live").status_code == 200
     assert httpx.get(gateway.url + "/health").json()["backend"]["reachable"] is False
 
@@ -181,7 +190,8 @@ def test_not_ready_without_backend(spawn: Spawn) -> None:
 
 def test_sigterm_drains_then_exits_zero(spawn: Spawn, simulator: Server) -> None:
     gateway = spawn("gateway", simulator.url, shutdown_grace="10")
-    body = chat_body(stream=True, max_tokens=15, sim_fault="itl=0.1")
+    # Four seconds of stream: room for the checks below, made while it runs, on a busy machine.
+    body = chat_body(stream=True, max_tokens=40, ignore_eos=True, sim_fault="itl=0.1")
 
     def stream() -> list[str]:
         with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=30) as response:
@@ -189,15 +199,15 @@ def test_sigterm_drains_then_exits_zero(spawn: Spawn, simulator: Server) -> None
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(stream)
-        time.sleep(0.4)
+        until(lambda: metric(gateway, "inference_core_in_flight") == 1, "the stream never started")
         gateway.process.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        assert httpx.get(gateway.url + "/health/ready").status_code == 503
+        until(lambda: httpx.get(gateway.url + "/health/ready").status_code == 503, "still ready after SIGTERM")
+        assert running.running(), "the stream outlived the checks"
         refused = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body())
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
         assert refused.headers["retry-after"]
-        events = running.result(timeout=10)
-    assert events[-1] == "data: [DONE]" and len(events) >= 15
+        events = running.result(timeout=30)
+    assert events[-1] == "data: [DONE]" and len(events) >= 40
     assert gateway.process.wait(10) == 0
 
 
@@ -212,3 +222,19 @@ def test_dashboard_uses_only_real_metrics(http: httpx.Client) -> None:
     }
     missing = {name for name in used if re.sub(r"_(total|bucket|count|sum)$", "", name) not in families}
     assert used and not missing, missing
+
+
+def test_the_error_logged_is_the_one_the_client_received(gateway: Server, http: httpx.Client) -> None:
+    cases = {
+        "error-404": chat_body(model="no-such-model"),
+        "error-400": chat_body(sim_fault="status=400"),
+        "error-500": chat_body(sim_fault="status=500"),
+    }
+    for request_id, body in cases.items():
+        answer = http.post("/v1/chat/completions", json=body, headers={"x-request-id": request_id}).json()["error"]
+        assert _log_line(gateway, request_id)["error"] == (answer["code"] or answer["type"]), request_id
+    assert _log_line(gateway, "error-404")["error"] == "invalid_request_error"  # OpenAI's type for a 404
+    assert _log_line(gateway, "error-500")["error"] == "server_error"
+    http.post("/v1/messages", json={"model": "no-such-model", "max_tokens": 5, "messages": []},
+              headers={"x-request-id": "error-anthropic"})  # fmt: skip
+    assert _log_line(gateway, "error-anthropic")["error"] == "not_found_error"

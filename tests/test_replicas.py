@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import MODEL, chat_body, sim_stats
-from tests.servers import Server, free_port, start_simulator
+from tests.servers import Server, free_port, start_simulator, until
 
 Spawn = Callable[..., Server]
 
@@ -28,13 +28,6 @@ def _served(*backends: Server) -> list[int]:
 def _replica(gateway: Server, name: str) -> dict[str, object]:
     replicas = httpx.get(gateway.url + "/health").json()["replicas"]
     return next(replica for replica in replicas if replica["name"] == name)
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def test_killed_replica_loses_no_request_and_comes_back(spawn: Spawn, log_dir: Path) -> None:
@@ -53,18 +46,18 @@ def test_killed_replica_loses_no_request_and_comes_back(spawn: Spawn, log_dir: P
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             running = [pool.submit(traffic) for _ in range(2)]
-            time.sleep(0.5)
+            until(lambda: len(statuses) > 20, "no traffic")
             backends[1].stop()
-            _wait_for(lambda: not _replica(gateway, "r1")["healthy"], 3, "the dead replica was not ejected")
+            until(lambda: not _replica(gateway, "r1")["healthy"], "the dead replica was not ejected")
             backends[1] = start_simulator(log_dir, port=ports[1])
-            _wait_for(lambda: bool(_replica(gateway, "r1")["healthy"]), 5, "the replica was not readmitted")
+            until(lambda: _replica(gateway, "r1")["healthy"], "the replica was not readmitted")
             before = _served(backends[1])[0]
-            time.sleep(0.5)
+            until(lambda: _served(backends[1])[0] > before, "the readmitted replica gets no traffic again")
+            until(lambda: len(statuses) > 50, "too little traffic")
             stop.set()
             for future in running:
                 future.result()
-        assert len(statuses) > 50 and set(statuses) == {200}, collections.Counter(statuses)
-        assert _served(backends[1])[0] > before, "the readmitted replica gets traffic again"
+        assert set(statuses) == {200}, collections.Counter(statuses)
         metrics = httpx.get(gateway.url + "/metrics").text
         assert 'inference_core_replica_ejections_total{backend="default",replica="r1"} 1.0' in metrics
     finally:
@@ -76,10 +69,10 @@ def test_every_replica_down_is_an_immediate_503(spawn: Spawn) -> None:
     backend = spawn("simulator")
     gateway = spawn("gateway", backend.url, probe_interval="0.2", eject_after="1")
     backend.stop()
-    _wait_for(lambda: not _replica(gateway, "r0")["healthy"], 3, "not ejected")
+    until(lambda: not _replica(gateway, "r0")["healthy"], "not ejected")
     started = time.monotonic()
     response = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body())
-    assert time.monotonic() - started < 2.0, "at once, not after INFERENCE_TIMEOUT (60 s)"
+    assert time.monotonic() - started < 10, "at once, not after INFERENCE_TIMEOUT (60 s)"
     assert response.status_code == 503 and response.json()["error"]["code"] == "no_healthy_backend"
     assert response.headers["retry-after"]
     assert httpx.get(gateway.url + "/health/ready").status_code == 503
@@ -123,7 +116,7 @@ def test_prefix_affinity(spawn: Spawn) -> None:
 def test_load_aware_follows_reported_queue_depth(spawn: Spawn) -> None:
     busy, idle = spawn("simulator", "--reported-waiting", "40"), spawn("simulator")
     gateway = spawn("gateway", _urls(busy, idle), lb_policy="load_aware", probe_interval="0.2")
-    _wait_for(lambda: _replica(gateway, "r0")["load"] is not None, 3, "load not scraped")
+    until(lambda: _replica(gateway, "r0")["load"] is not None, "load not scraped")
     for _ in range(20):
         httpx.post(gateway.url + "/v1/chat/completions", json=chat_body())
     assert _served(busy, idle) == [0, 20]

@@ -13,18 +13,22 @@ import openai
 import pytest
 
 from tests.conftest import FAST_RETRIES, MODEL
-from tests.packages import debian_tool
-from tests.servers import Server, free_port, start_fleet, start_simulator
+from tests.packages import Unavailable, debian_tool
+from tests.servers import Server, free_port, held, start_fleet, start_simulator, until
 
 KEY = "sk-shared-7d1e0c"
 
 
+#: Installing redis-server may wait for another apt-get: that wait is not the tests' time.
+pytestmark = pytest.mark.timeout(func_only=True)
+
+
 def redis_binary() -> str:
     """Debian's redis-server, installed when missing (the tests need a real one)."""
-    found = debian_tool("redis-server", "redis-server")
-    if found is None:
-        pytest.skip("redis-server is not installed and could not be (apt-get install redis-server)")
-    return found
+    try:
+        return debian_tool("redis-server", "redis-server")
+    except Unavailable as missing:
+        pytest.skip(f"these tests need a real redis-server: {missing}")
 
 
 class Redis:
@@ -176,26 +180,36 @@ def test_a_stored_response_is_found_through_any_gateway(
 def test_a_key_s_concurrency_is_shared(
     log_dir: Path, tmp_path: Path, redis_server: Redis, spawn: Callable[..., Server]
 ) -> None:
-    slow = spawn("simulator", "--ttft", "0.6")
+    backend = spawn("simulator")
+    # Its rpm counts each request in Redis as it is admitted, before it waits for the key's slot.
     text = (
-        f"model: {MODEL}\nbackends:\n  local: {{base_url: {slow.url}/v1}}\n"
-        f"keys:\n  team:\n    key: {KEY}\n    max_concurrent: 1\n"
+        f"model: {MODEL}\nbackends:\n  local: {{base_url: {backend.url}/v1}}\n"
+        f"keys:\n  team:\n    key: {KEY}\n    max_concurrent: 1\n    rpm: 1000\n"
     )
     first, second = fleet_of(log_dir, tmp_path, text, redis_server)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    hold = {**body, "stream": True, "sim_fault": "ttft=60"}  # answered only once the test lets go
+
+    def chats() -> int:
+        return int(httpx.get(backend.url + "/_sim/stats").json()["requests"].get("/v1/chat/completions", 0))
+
+    def admitted() -> int:  # counted in Redis, by both gateways
+        usage = httpx.get(second.url + "/v1/usage", headers={"x-api-key": KEY}).json()["data"][0]
+        return int(usage["current"]["requests"])
+
     try:
-        with ThreadPoolExecutor(2) as pool:
-            answers = list(
-                pool.map(
-                    lambda gateway: httpx.post(
-                        gateway.url + "/v1/chat/completions", json=body, headers={"x-api-key": KEY}, timeout=30
-                    ),
-                    (first, second),
+        with ThreadPoolExecutor(1) as pool:
+            with held(first, "/v1/chat/completions", hold, headers={"x-api-key": KEY}) as busy:
+                until(lambda: chats() == 1, "the first gateway's request never reached the backend")
+                waiting = pool.submit(
+                    httpx.post, second.url + "/v1/chat/completions", json=body, headers={"x-api-key": KEY}, timeout=30
                 )
-            )
-        assert [a.status_code for a in answers] == [200, 200]
-        waits = sorted(float(a.headers["x-inference-queue-ms"]) for a in answers)
-        assert waits[0] < 300 and waits[1] >= 400  # one waited for the other's slot, on the other gateway
+                until(lambda: admitted() == 2, "the second gateway never admitted its request")
+                assert chats() == 1, "it waits for the slot the first gateway holds"
+                time.sleep(0.5)  # held half a second more: its wait can be no shorter, however slow the machine
+                busy.close()
+            answer = waiting.result()
+        assert answer.status_code == 200 and float(answer.headers["x-inference-queue-ms"]) >= 500
     finally:
         first.stop()
         second.stop()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import MODEL, Configured, sim_stats
-from tests.servers import Server, start_simulator
+from tests.servers import Server, held, metric, start_simulator, until
 
 TEAM_A = "sk-team-a-3c9d51"
 TEAM_B = "sk-team-b-77e2a0"
@@ -72,19 +74,24 @@ def start(configured: Configured) -> Start:
     return lambda text, **settings: configured(text, {"TEAM_A_KEY": TEAM_A}, **settings)
 
 
-def chat(server: Server, key: str | None, *, header: str = "authorization", **body: Any) -> httpx.Response:
+def chat(
+    server: Server, key: str | None, *, header: str = "authorization", request_id: str | None = None, **body: Any
+) -> httpx.Response:
     headers = {} if key is None else {header: f"Bearer {key}" if header == "authorization" else key}
+    if request_id is not None:
+        headers["x-request-id"] = request_id
     payload = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **body}
     return httpx.post(server.url + "/v1/chat/completions", json=payload, headers=headers, timeout=30)
 
 
 def scraped(gateway: Server, expected: str) -> str:
     """The metrics once ``expected`` shows: a request is counted just after its answer went out."""
-    deadline = time.monotonic() + 5
-    while expected not in (text := httpx.get(gateway.url + "/metrics").text):
-        assert time.monotonic() < deadline, f"{expected} never showed"
-        time.sleep(0.02)
-    return text
+
+    def shown() -> str | None:
+        text = httpx.get(gateway.url + "/metrics").text
+        return text if expected in text else None
+
+    return until(shown, f"{expected} never showed")
 
 
 def usage_of(gateway: Server, key: str) -> dict[str, Any]:
@@ -176,21 +183,45 @@ def test_tpm_reserves_then_counts_real_usage(start: Start, simulator: Server) ->
     while (tokens := usage_of(gateway, TEAM_B)["current"]["tokens"]) == used:  # counted as the stream is closed
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert used < tokens <= used + 200  # a stream without usage: its prompt estimated, one token per event
+    assert tokens == 2 * used  # the same request streamed: its exact usage, which the client did not ask for
+    assert not any('"usage"' in event for event in events)
     completion = first.json()["usage"]["completion_tokens"]
-    scraped(gateway, f'inference_core_key_tokens_total{{key="team-b",kind="completion"}} {completion}.0')
+    scraped(gateway, f'inference_core_key_tokens_total{{key="team-b",kind="completion"}} {2 * completion}.0')
+
+
+def _admitted(gateway: Server, key: str) -> int:
+    """The key's requests counted in its rpm window (the last window's too, should one have ended)."""
+    usage = usage_of(gateway, key)
+    return int(usage["current"]["requests"] + usage["previous"]["requests"])
+
+
+def _chats(simulator: Server) -> int:
+    return int(sim_stats(simulator)["requests"].get("/v1/chat/completions", 0))
+
+
+def _holding_a_slot(gateway: Server, key: str) -> contextlib.AbstractContextManager[socket.socket]:
+    """A stream the backend would take a minute to start: it holds a slot (and one of its key's) until closed."""
+    body = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "stream": True, "sim_fault": "ttft=60"}
+    return held(gateway, "/v1/chat/completions", body, headers={"authorization": f"Bearer {key}"})
 
 
 def test_max_concurrent_queues_the_rest_and_priority_is_clamped(start: Start, log_dir: Path) -> None:
     slow = start_simulator(log_dir, "--ttft", "0.5")
     try:
-        extra = "  one-at-a-time:\n    key: sk-one-at-a-time\n    max_concurrent: 1\n"
+        # Its rpm counts each request as it is admitted, before it waits for the key's slot.
+        extra = "  one-at-a-time:\n    key: sk-one-at-a-time\n    max_concurrent: 1\n    rpm: 1000\n"
         gateway = start(keys_yaml(slow, extra=extra))
-        with ThreadPoolExecutor(3) as pool:
-            answers = list(pool.map(lambda _: chat(gateway, "sk-one-at-a-time"), range(3)))
-        assert [a.status_code for a in answers] == [200, 200, 200]
-        waits = sorted(float(a.headers["x-inference-queue-ms"]) for a in answers)
-        assert waits[0] < 300 and waits[2] >= 800  # the third waited for two before it
+        key = "sk-one-at-a-time"
+        with ThreadPoolExecutor(2) as pool:
+            with _holding_a_slot(gateway, key) as busy:
+                until(lambda: _chats(slow) == 1, "the first request never reached the backend")
+                answers = [pool.submit(chat, gateway, key) for _ in range(2)]
+                until(lambda: _admitted(gateway, key) == 3, "the other two were never admitted")
+                assert _chats(slow) == 1, "the other two wait for the key's one slot"
+                busy.close()
+            assert [a.result().status_code for a in answers] == [200, 200]
+        waits = sorted(float(a.result().headers["x-inference-queue-ms"]) for a in answers)
+        assert waits[1] >= 500  # the last waited for all of the answer before it (ttft: 0.5 s)
         assert chat(gateway, TEAM_A, priority=0).status_code == 200
         assert sim_stats(slow)["last_body"]["priority"] == 2  # clamped to the key's own priority
         assert chat(gateway, TEAM_A, priority=7).status_code == 200
@@ -200,20 +231,26 @@ def test_max_concurrent_queues_the_rest_and_priority_is_clamped(start: Start, lo
 
 
 def test_fair_share_serves_a_small_key_between_a_big_key_s_backlog(start: Start, log_dir: Path) -> None:
-    """Key A queues 60 requests in front of 3 slots busy 0.3 s each; key B's few requests overtake."""
-    slow = start_simulator(log_dir, "--ttft", "0.3")
+    """Key A has 60 requests waiting for 3 busy slots when key B sends 3; B's are among the first served."""
+    slow = start_simulator(log_dir, "--ttft", "0.2")
     try:
         extra = "  big:\n    key: sk-big\n  small:\n    key: sk-small\n"
         gateway = start(keys_yaml(slow, extra=extra), max_concurrent_tasks="3")
-        big_waits: list[float] = []
-        with ThreadPoolExecutor(64) as pool:
-            backlog = [pool.submit(chat, gateway, "sk-big") for _ in range(60)]
-            time.sleep(1.0)
-            small = [chat(gateway, "sk-small") for _ in range(3)]
-            big_waits = [float(f.result().headers["x-inference-queue-ms"]) for f in backlog]
-        small_waits = [float(a.headers["x-inference-queue-ms"]) for a in small]
-        assert all(a.status_code == 200 for a in small)
-        assert max(small_waits) < 1500 < max(big_waits)  # first come, first served: each ~5 s behind
+        with ThreadPoolExecutor(63) as pool, contextlib.ExitStack() as holds:
+            for _ in range(3):
+                holds.enter_context(_holding_a_slot(gateway, FLAT))
+            until(lambda: _chats(slow) == 3, "the three slots were never taken")
+            backlog = [pool.submit(chat, gateway, "sk-big", request_id=f"big-{i}") for i in range(60)]
+            until(lambda: metric(gateway, "inference_core_queue_depth") == 60, "the backlog never queued")
+            small = [pool.submit(chat, gateway, "sk-small", request_id=f"small-{i}") for i in range(3)]
+            until(lambda: metric(gateway, "inference_core_queue_depth") == 63, "key B's requests never queued")
+            holds.close()
+            assert all(f.result().status_code == 200 for f in backlog + small)
+        served = [rid for rid in sim_stats(slow)["request_ids"] if rid.startswith(("big-", "small-"))]
+        assert len(served) == 63
+        # Served by turns (big, small, big, small...): all three within the first rounds of three, where
+        # first come, first served would put them last, after the whole backlog.
+        assert max(served.index(f"small-{i}") for i in range(3)) < 12, served
     finally:
         slow.stop()
 
@@ -231,7 +268,7 @@ def test_sighup_reloads_keys(start: Start, simulator: Server, tmp_path: Path) ->
     worker = threading.Thread(target=traffic)
     worker.start()
     try:
-        time.sleep(0.5)
+        until(lambda: len(statuses) > 5, "no traffic before the reload")
         text = keys_yaml(simulator, extra="  newcomer:\n    key: sk-new-key-000\n")
         (tmp_path / "gateway-0.yaml").write_text(text.replace(f"key: {OTHERS}", "key: sk-replaced-0000"))
         os.kill(gateway.process.pid, signal.SIGHUP)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import uvicorn
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -18,7 +17,7 @@ from inference_core.api import create_app
 from inference_core.config import ConfigError, Settings
 from inference_core.tracing import NO_TRACER, OTelTracer, tracer_from_environment
 from tests.conftest import MODEL, chat_body, sim_stats
-from tests.servers import Server, free_port
+from tests.servers import Server, free_port, until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -35,11 +34,16 @@ def traced(simulator: Server) -> Iterator[tuple[str, InMemorySpanExporter]]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
-        time.sleep(0.02)
+    until(lambda: server.started, "the traced gateway did not start")
     yield f"http://127.0.0.1:{port}", exporter
     server.should_exit = True
     thread.join(10)
+
+
+def _finished(exporter: InMemorySpanExporter, name: str) -> dict[str, ReadableSpan] | None:
+    """The finished spans by name, once ``name`` is among them (a request's own ends just after its answer)."""
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    return spans if name in spans else None
 
 
 def test_request_span_tree(traced: tuple[str, InMemorySpanExporter], simulator: Server) -> None:
@@ -50,7 +54,7 @@ def test_request_span_tree(traced: tuple[str, InMemorySpanExporter], simulator: 
         url + "/v1/chat/completions", json=chat_body(temperature=0.5), headers={"traceparent": traceparent}
     )
     assert response.status_code == 200
-    spans = {span.name: span for span in exporter.get_finished_spans()}
+    spans = until(lambda: _finished(exporter, "POST /v1/chat/completions"), "the request's span never ended")
     root = spans["POST /v1/chat/completions"]
     queue = spans["queue"]
     upstream = spans[f"chat {MODEL}"]

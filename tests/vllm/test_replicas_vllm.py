@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.servers import Server, start_gateway
+from tests.servers import Server, start_gateway, until
 from tests.vllm.conftest import MODEL
 
 pytestmark = pytest.mark.vllm
@@ -47,17 +46,22 @@ def test_failover_when_a_replica_stops(vllm_chat: Server, vllm_chat_replica: Ser
             while not stop.is_set():
                 statuses.append(client.post("/v1/chat/completions", json=body).status_code)
 
+    def replicas() -> list[dict[str, object]]:
+        return httpx.get(gateway.url + "/health").json()["replicas"]  # type: ignore[no-any-return]
+
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             running = [pool.submit(traffic) for _ in range(2)]
-            time.sleep(2)
+            until(lambda: len(statuses) > 10, "no traffic", seconds=120)
             vllm_chat_replica.stop()
-            time.sleep(4)
+            until(lambda: not replicas()[1]["healthy"], "the stopped replica was never ejected", seconds=60)
+            ejected = len(statuses)
+            until(lambda: len(statuses) > ejected + 10, "no traffic after the ejection", seconds=120)
             stop.set()
             for future in running:
                 future.result()
-        replicas = httpx.get(gateway.url + "/health").json()["replicas"]
+        healthy = [replica["healthy"] for replica in replicas()]
     finally:
         gateway.stop()
     assert len(statuses) > 20 and set(statuses) == {200}, statuses
-    assert [replica["healthy"] for replica in replicas] == [True, False]
+    assert healthy == [True, False]
