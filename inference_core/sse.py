@@ -24,23 +24,30 @@ def frame(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-def usage(frames: bytes) -> object:
-    """The ``usage`` object of the event in ``frames`` that carries one (the stream's last), if any.
+def usages(frames: bytes) -> list[dict[str, object]]:
+    """The ``usage`` objects the events in ``frames`` carry, in order.
 
-    Only frames that contain a non-null usage are parsed, so a stream costs nothing extra
-    unless the client asked for ``stream_options.include_usage``.
+    Chat and text completions carry it at the top of their last chunk; Anthropic's Messages API
+    in ``message_start``'s message and then in ``message_delta``; the Responses API in
+    ``response.completed``'s response. Only frames that contain a non-null usage are parsed.
     """
     if b'"usage":{' not in frames and b'"usage": {' not in frames:
-        return None
-    for event in reversed(frames.split(b"\n\n")):
-        if event.startswith(b"data: {") and b'"usage"' in event:
-            try:
-                found = orjson.loads(event[6:]).get("usage")
-            except (orjson.JSONDecodeError, AttributeError):
-                return None
-            if found:
-                return found
-    return None
+        return []
+    found = []
+    for event in frames.split(b"\n\n"):
+        start = event.find(b"data: {")
+        if start < 0 or b'"usage"' not in event:
+            continue
+        try:
+            data = orjson.loads(event[start + 6 :])
+        except orjson.JSONDecodeError:
+            continue
+        for holder in (data, data.get("message"), data.get("response")) if isinstance(data, dict) else ():
+            usage = holder.get("usage") if isinstance(holder, dict) else None
+            if isinstance(usage, dict) and usage:
+                found.append(usage)
+                break
+    return found
 
 
 def created_response_id(frames: bytes) -> str | None:

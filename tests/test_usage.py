@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 
+from inference_core import sse
 from inference_core.engine import usage
 from inference_core.engine.call import Outcome
 from tests.conftest import MODEL, Configured, chat_body, sim_stats
@@ -142,3 +143,37 @@ def test_batch_tokens_count_for_their_key(configured: Configured, simulator: Ser
     completion = sum(result["usage"]["completion_tokens"] for result in answer["results"])
     sample = ("inference_core_key_tokens_total", frozenset({("key", "team"), ("kind", "completion")}))
     assert scrape(gateway)[sample] == completion
+
+
+def test_usage_is_found_in_every_api_s_stream() -> None:
+    chat = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    started = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":7}}}\n\n'
+    delta = b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":4}}\n\n'
+    done = b'event: response.completed\ndata: {"response":{"usage":{"input_tokens":5,"output_tokens":6}}}\n\n'
+    assert sse.usages(chat) == [{"prompt_tokens": 3, "completion_tokens": 2}]
+    assert sse.usages(started + delta) == [{"input_tokens": 7}, {"output_tokens": 4}]
+    assert sse.usages(done) == [{"input_tokens": 5, "output_tokens": 6}]
+    assert sse.usages(b'data: {"choices":[],"usage":null}\n\n') == []
+    outcome = Outcome()
+    for usage_found in sse.usages(started + delta):
+        outcome.count_usage(usage_found)
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (7, 4)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]}),
+        ("/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 5}),
+    ],
+)
+def test_anthropic_and_responses_streams_are_counted(
+    gateway: Server, http: httpx.Client, path: str, body: dict[str, Any]
+) -> None:
+    whole = http.post(path, json=body).json()["usage"]
+    request_id = f"usage-stream-{path.rsplit('/', 1)[1]}"
+    with http.stream("POST", path, json=body | {"stream": True}, headers={"x-request-id": request_id}) as answer:
+        assert answer.status_code == 200
+        answer.read()
+    line = _log_line(gateway, request_id)
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (whole["input_tokens"], whole["output_tokens"])

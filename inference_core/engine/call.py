@@ -59,10 +59,16 @@ class Outcome:
         )
 
     def count_usage(self, usage: object) -> None:
-        """Chat and completions say prompt/completion tokens; the Responses API says input/output."""
+        """Chat and completions say prompt/completion tokens; the Responses and Messages APIs input/output.
+
+        A count the usage leaves out is kept: an Anthropic stream tells its input tokens first
+        (``message_start``) and its output tokens last (``message_delta``).
+        """
         if isinstance(usage, dict):
-            self.prompt_tokens = _int_or_none(usage.get("prompt_tokens", usage.get("input_tokens")))
-            self.completion_tokens = _int_or_none(usage.get("completion_tokens", usage.get("output_tokens")))
+            prompt = _int_or_none(usage.get("prompt_tokens", usage.get("input_tokens")))
+            completion = _int_or_none(usage.get("completion_tokens", usage.get("output_tokens")))
+            self.prompt_tokens = self.prompt_tokens if prompt is None else prompt
+            self.completion_tokens = self.completion_tokens if completion is None else completion
 
 
 def _int_or_none(value: object) -> int | None:

@@ -40,8 +40,7 @@ def ask(payload: Payload, raw: bytes | None) -> tuple[Payload, bytes | None]:
 async def counted(frames: AsyncIterator[bytes], outcome: Outcome, *, hide: bool) -> AsyncIterator[bytes]:
     """Relay ``frames``, counting the usage the stream reports; with ``hide``, taking it out."""
     async for frame in frames:
-        found = sse.usage(frame)
-        if found is not None:
+        for found in sse.usages(frame):
             outcome.count_usage(found)
         if hide and b'"usage"' in frame:
             frame = _without_usage(frame)
