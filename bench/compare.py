@@ -47,6 +47,7 @@ from processes import (
     MODEL,
     cpu_seconds,
     free_port,
+    installed,
     machine_busy_seconds,
     peak_rss_mb,
     router_binary,
@@ -207,11 +208,7 @@ def start_router(scratch: Path, backend: int, kind: str) -> Running:
 
 
 def litellm_binary() -> Path:
-    binary = LITELLM_VENV / "bin/litellm"
-    if not binary.exists():
-        subprocess.run([sys.executable, "-m", "venv", LITELLM_VENV], check=True)
-        subprocess.run([LITELLM_VENV / "bin/pip", "install", "-q", LITELLM], check=True)
-    return binary
+    return installed(LITELLM_VENV, LITELLM, "litellm")
 
 
 def start_litellm(scratch: Path, backend: int, kind: str) -> Running:

@@ -79,13 +79,18 @@ def gateway_settings(backend_port: int, port: int, **extra: str) -> dict[str, st
     }
 
 
-def router_binary() -> Path:
-    """vLLM's Rust router from PyPI, installed into its own venv on first use."""
-    binary = ROUTER_VENV / "bin/vllm-router"
+def installed(venv: Path, requirement: str, program: str) -> Path:
+    """``program`` from PyPI's ``requirement``, installed into a venv of its own on first use."""
+    binary = venv / "bin" / program
     if not binary.exists():
-        subprocess.run([sys.executable, "-m", "venv", ROUTER_VENV], check=True)
-        subprocess.run([ROUTER_VENV / "bin/pip", "install", "-q", "vllm-router"], check=True)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([venv / "bin/pip", "install", "-q", requirement], check=True)
     return binary
+
+
+def router_binary() -> Path:
+    """vLLM's Rust router from PyPI."""
+    return installed(ROUTER_VENV, "vllm-router", "vllm-router")
 
 
 def tree(pid: int) -> list[int]:

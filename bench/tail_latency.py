@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import orjson
-from processes import CACHE, MODEL, cpu_seconds, free_port, machine_busy_seconds, percentile, spawn, stop
+from processes import CACHE, MODEL, cpu_seconds, free_port, installed, machine_busy_seconds, percentile, spawn, stop
 
 AIPERF = "aiperf==0.13.0"
 AIPERF_VENV = Path(os.environ.get("BENCH_AIPERF_VENV", CACHE / "aiperf-venv"))
@@ -91,11 +91,7 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
 
 
 def aiperf_binary() -> Path:
-    binary = AIPERF_VENV / "bin/aiperf"
-    if not binary.exists():
-        subprocess.run([sys.executable, "-m", "venv", AIPERF_VENV], check=True)
-        subprocess.run([AIPERF_VENV / "bin/pip", "install", "-q", AIPERF], check=True)
-    return binary
+    return installed(AIPERF_VENV, AIPERF, "aiperf")
 
 
 def write_tokenizer(directory: Path) -> Path:
