@@ -542,10 +542,11 @@ def fleet_builder(
         backends = {}
         for name, block in config.backends.items():
             kept = previous.backends.get(name) if previous is not None else None
-            backends[name] = (
-                kept
-                if kept is not None and kept.config == block
-                else Backend(
+            if kept is not None and kept.config == block:
+                backends[name] = kept
+                continue
+            try:
+                backends[name] = Backend(
                     name,
                     block,
                     lane=admission.lane(name, block.max_concurrent_tasks),
@@ -554,8 +555,13 @@ def fleet_builder(
                     eject_after=settings.eject_after,
                     stale_after=STALE_AFTER_INTERVALS * settings.probe_interval,
                     drop_unsupported=settings.drop_unsupported_params,
+                    kv_load_slack=settings.kv_load_slack,
+                    kv_events_silence=settings.kv_events_silence,
+                    kv_index_blocks=settings.kv_index_blocks,
                 )
-            )
+            except ValueError as exc:  # its tokenizer directory
+                where = f"backends.{name}.tokenizer" if settings.config else "INFERENCE_TOKENIZER"
+                raise ConfigError(f"{where}: {exc}") from None
         aliases = {name: (alias.target, *alias.fallbacks) for name, alias in config.models.items()}
         keys = build_keys(config.keys, flat_keys, previous.keys if previous is not None else None)
         return Fleet(backends, aliases, config.default_model, keys)

@@ -51,6 +51,49 @@ def _simulator_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dimensions", type=int, default=384, help="embedding size")
     parser.add_argument("--fault", default="", help="faults for every request, as in the x-sim-fault header")
     parser.add_argument("--reported-waiting", type=int, default=0, help="queue depth to report at /metrics")
+    cache = parser.add_argument_group("prefix cache and KV events (a vLLM replica's, for cache-aware routing)")
+    cache.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="model a prefix cache of N blocks, evicted least recently used (vLLM's --num-gpu-blocks-override); "
+        "0: none (default)",
+    )
+    cache.add_argument("--block-size", type=int, default=16, help="tokens per cache block (vLLM's --block-size)")
+    cache.add_argument(
+        "--prefill-per-token",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="prefill time per uncached prompt token, added to --ttft; prefills run one at a time, in arrival order",
+    )
+    cache.add_argument(
+        "--enable-prompt-tokens-details",
+        dest="prompt_tokens_details",
+        action="store_true",
+        help="report usage.prompt_tokens_details.cached_tokens, as vLLM with this flag",
+    )
+    cache.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="a tokenizer directory (Hugging Face's tokenizer and chat template, as a gateway backend's "
+        "'tokenizer'): /tokenize and the prefix cache use its token ids (default: the text's UTF-8 bytes)",
+    )
+    cache.add_argument(
+        "--kv-events",
+        default="",
+        metavar="ENDPOINT",
+        help="publish vLLM's KV-cache events on a ZMQ PUB socket bound here, e.g. tcp://127.0.0.1:5557 "
+        "(port 0: any free port, as /_sim/stats tells)",
+    )
+    cache.add_argument(
+        "--kv-replay",
+        default="",
+        metavar="ENDPOINT",
+        help="serve replays of the last 10,000 event batches on a ZMQ ROUTER socket bound here (needs --kv-events)",
+    )
+    cache.add_argument("--kv-topic", default="kv", help="topic of the KV event messages (default: kv)")
     return parser
 
 
@@ -58,11 +101,17 @@ def simulate(argv: Sequence[str]) -> None:
     from inference_core.api import tune_garbage_collector
     from inference_core.simulator import SimulatorConfig, create_simulator
 
-    args = _simulator_parser().parse_args(argv)
+    parser = _simulator_parser()
+    args = parser.parse_args(argv)
+    if args.kv_replay and not args.kv_events:
+        parser.error("--kv-replay needs --kv-events")
     config = SimulatorConfig(
         mode=args.mode, model=args.model, lora=tuple(args.lora), vllm_version=args.vllm_version,
         ttft=args.ttft, itl=args.itl, dimensions=args.dimensions, fault=args.fault,
-        reported_waiting=args.reported_waiting,
+        reported_waiting=args.reported_waiting, prefix_cache_blocks=args.prefix_cache_blocks,
+        block_size=args.block_size, prefill_per_token=args.prefill_per_token,
+        prompt_tokens_details=args.prompt_tokens_details, tokenizer=args.tokenizer, kv_events=args.kv_events,
+        kv_replay=args.kv_replay, kv_topic=args.kv_topic,
     )  # fmt: skip
     app = create_simulator(config)
     # As for the gateway: else its first full collection, a hundred requests in, holds every stream ~45 ms.

@@ -35,6 +35,8 @@ ROUTING_KEYS = frozenset({"backends", "models", "keys"})
 _SINGLE_BACKEND_KEYS = ("base_url", "provider_type", "api_key")
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _URL = TypeAdapter(AnyHttpUrl)
+#: Where a vLLM publishes its KV events: tcp://host:port (an IPv6 host in brackets) or ipc://path.
+ZMQ_ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}|ipc://\S+")
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +57,7 @@ class LBPolicy(StrEnum):
     ROUND_ROBIN = "round_robin"
     LOAD_AWARE = "load_aware"
     PREFIX_AFFINITY = "prefix_affinity"
+    CACHE_AWARE = "cache_aware"
 
 
 class RedisFailure(StrEnum):
@@ -132,7 +135,34 @@ class Settings(BaseSettings):
     )
     lb_policy: LBPolicy = Field(
         LBPolicy.LEAST_OUTSTANDING,
-        description="Spreading over replicas: least_outstanding, round_robin, load_aware or prefix_affinity.",
+        description="Spreading over replicas: least_outstanding, round_robin, load_aware, prefix_affinity or "
+        "cache_aware.",
+    )
+    kv_events: str = Field(
+        "",
+        description="cache_aware: each replica's KV-event PUB socket (vLLM's --kv-events-config endpoint, e.g. "
+        "tcp://vllm-0:5557), comma-separated in INFERENCE_BASE_URL's order; empty for a replica without.",
+    )
+    kv_replay: str = Field(
+        "", description="cache_aware: each replica's KV-event replay socket (tcp://vllm-0:5558), in the same order."
+    )
+    tokenizer: Path | None = Field(
+        None,
+        description="cache_aware: the served model's tokenizer directory (tokenizer.json, tokenizer_config.json); "
+        "unset: prompts are tokenized by a replica's /tokenize.",
+    )
+    kv_load_slack: Annotated[int, Field(ge=0)] = Field(
+        8,
+        description="cache_aware: a replica with more requests than the least busy by more than this is passed "
+        "over, whatever its cache holds.",
+    )
+    kv_events_silence: Annotated[float, Field(gt=0)] = Field(
+        10.0,
+        description="cache_aware: seconds without the events a routed prompt should cause before that replica "
+        "is routed by load alone.",
+    )
+    kv_index_blocks: Annotated[int, Field(ge=1)] = Field(
+        200_000, description="cache_aware: most blocks remembered per replica (about 200 bytes each)."
     )
     response_affinity_size: Annotated[int, Field(ge=1)] = Field(
         100_000,
@@ -175,7 +205,7 @@ class Settings(BaseSettings):
         256, description="Completion tokens reserved under a key's tpm for a request that sets no max_tokens."
     )
 
-    @field_validator("config", "redis_url", "database_url", mode="before")
+    @field_validator("config", "redis_url", "database_url", "tokenizer", mode="before")
     @classmethod
     def _unset(cls, value: object) -> object:
         # Compose files, charts and Secrets set a variable empty to mean "none" (INFERENCE_CONFIG= would
@@ -199,10 +229,35 @@ class Settings(BaseSettings):
             _URL.validate_python(root)
         return ",".join(roots)
 
+    @field_validator("kv_events", "kv_replay")
+    @classmethod
+    def _endpoints(cls, value: str) -> str:
+        for part in value.split(",") if value else ():
+            if part.strip() and not ZMQ_ENDPOINT.fullmatch(part.strip()):
+                raise ValueError(f"{part.strip()!r} is not a ZMQ endpoint such as tcp://vllm-0:5557")
+        return value
+
     @property
     def upstream_roots(self) -> tuple[str, ...]:
         """Each replica's API root, without a trailing slash."""
         return tuple(root.rstrip("/") for root in self.base_url.split(","))
+
+    @property
+    def replicas(self) -> list[dict[str, str]]:
+        """Each replica as the file's mapping form: its URL, with its KV-event sockets where given."""
+        roots = self.upstream_roots
+        columns: dict[str, list[str]] = {"url": list(roots)}
+        for name in ("kv_events", "kv_replay"):
+            text: str = getattr(self, name)
+            given = [part.strip() for part in text.split(",")] if text else []
+            if len(given) > len(roots):
+                raise ConfigError(
+                    f"INFERENCE_{name.upper()}: {len(given)} entries for {len(roots)} INFERENCE_BASE_URL replicas"
+                )
+            columns[name] = given + [""] * (len(roots) - len(given))
+        return [
+            {name: column[number] for name, column in columns.items() if column[number]} for number in range(len(roots))
+        ]
 
 
 class ConfigError(Exception):

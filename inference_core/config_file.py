@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Self
 
 from pydantic import (
@@ -36,7 +37,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from inference_core.config import ConfigError, LBPolicy, ProviderType, Settings, describe_file, read_config_file
+from inference_core.config import (
+    ZMQ_ENDPOINT,
+    ConfigError,
+    LBPolicy,
+    ProviderType,
+    Settings,
+    describe_file,
+    read_config_file,
+)
 
 DEFAULT_BACKEND = "default"
 # Names become metric labels and header values, so they keep to characters both accept.
@@ -78,6 +87,37 @@ def _http_root(value: str) -> str:
     return value.strip().rstrip("/")
 
 
+def _zmq_endpoint(value: str) -> str:
+    if not ZMQ_ENDPOINT.fullmatch(value.strip()):
+        raise PydanticCustomError("zmq", "not a ZMQ endpoint such as tcp://vllm-0:5557 or ipc:///run/vllm/kv")
+    return value.strip()
+
+
+def _replica(value: object) -> object:
+    """A replica given as its URL alone is a replica with no KV-event sockets (a bad URL is named as given)."""
+    return {"url": _http_root(value)} if isinstance(value, str) else value
+
+
+class ReplicaConfig(BaseModel):
+    """One replica of a backend: its API root and, for ``cache_aware``, where it publishes KV events."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: Annotated[str, AfterValidator(_http_root)] = Field(description="Its API root, without a trailing slash.")
+    kv_events: Annotated[str, AfterValidator(_zmq_endpoint)] | None = Field(
+        default=None, description="Its KV-event PUB socket (vLLM's --kv-events-config endpoint)."
+    )
+    kv_replay: Annotated[str, AfterValidator(_zmq_endpoint)] | None = Field(
+        default=None, description="Its KV-event replay socket (replay_endpoint), to fill gaps."
+    )
+
+    @model_validator(mode="after")
+    def _replay_needs_events(self) -> Self:
+        if self.kv_replay is not None and self.kv_events is None:
+            raise PydanticCustomError("kv_replay", "kv_replay without kv_events: give the PUB socket too")
+        return self
+
+
 TargetField = Annotated[Target, PlainValidator(_target)]
 
 
@@ -88,8 +128,8 @@ class BackendConfig(BaseModel):
 
     provider: ProviderType = Field(default=ProviderType.VLLM, description="vllm or openai.")
     base_url: Annotated[
-        tuple[Annotated[str, AfterValidator(_http_root)], ...], BeforeValidator(_listed), Field(min_length=1)
-    ] = Field(description="Each replica's API root, stored without a trailing slash.")
+        tuple[Annotated[ReplicaConfig, BeforeValidator(_replica)], ...], BeforeValidator(_listed), Field(min_length=1)
+    ] = Field(description="Each replica: its API root, or a mapping {url, kv_events, kv_replay}.")
     api_key: SecretStr = Field(default=SecretStr("EMPTY"), description="Key sent to this backend (never logged).")
     lb_policy: LBPolicy = Field(description="Spreading over its replicas; the file's default is lb_policy's.")
     max_concurrent_tasks: Annotated[int, Field(ge=1)] = Field(
@@ -104,11 +144,19 @@ class BackendConfig(BaseModel):
     models: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Field(min_length=1)] | None = Field(
         default=None, description="Globs (fnmatch) of the model names it serves; None: learnt from its /v1/models."
     )
+    tokenizer: Path | None = Field(
+        default=None,
+        description="cache_aware: the served model's tokenizer directory; None: a replica's /tokenize.",
+    )
     stream_usage: bool = Field(
         default=True,
         description="Ask it for the usage of every chat and text completion stream (stream_options.include_usage), "
         "hidden from clients that did not ask; false for a backend that refuses stream_options.",
     )
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(replica.url for replica in self.base_url)
 
 
 class AliasConfig(BaseModel):
@@ -212,9 +260,10 @@ def load_fleet(settings: Settings) -> FleetConfig:
 def _settings_backend(settings: Settings) -> BackendConfig:
     return BackendConfig(
         provider=settings.provider_type,
-        base_url=settings.upstream_roots,
+        base_url=tuple(ReplicaConfig(**replica) for replica in settings.replicas),
         api_key=settings.api_key,
         lb_policy=settings.lb_policy,
+        tokenizer=settings.tokenizer,
         max_concurrent_tasks=settings.max_concurrent_tasks,
         rate_limit_rps=settings.rate_limit_rps,
         rate_limit_burst=settings.rate_limit_burst,

@@ -48,15 +48,17 @@ class Endpoint:
     form: bool = False
     #: Its streams report usage only when asked (``stream_options.include_usage``): the gateway asks.
     usage_on_request: bool = False
+    #: Its body's prompt (``messages`` or ``prompt``) is what a replica's prefix cache holds: cache_aware routes on it.
+    prompted: bool = False
 
 
 CHAT = Endpoint(
     "/v1/chat/completions", "chat/completions", "chat", "Chat completion",
-    protocol.ChatCompletionRequest, protocol.ChatCompletion, streams=True, usage_on_request=True,
+    protocol.ChatCompletionRequest, protocol.ChatCompletion, streams=True, usage_on_request=True, prompted=True,
 )  # fmt: skip
 COMPLETIONS = Endpoint(
     "/v1/completions", "completions", "text_completion", "Text completion",
-    protocol.CompletionRequest, protocol.Completion, streams=True, usage_on_request=True,
+    protocol.CompletionRequest, protocol.Completion, streams=True, usage_on_request=True, prompted=True,
 )  # fmt: skip
 EMBEDDINGS = Endpoint(
     "/v1/embeddings", "embeddings", "embeddings", "Embeddings", protocol.EmbeddingRequest, protocol.EmbeddingList

@@ -48,7 +48,7 @@ class HealthMonitor:
         self.last_at = time.monotonic()
 
     async def probe_backend(self, backend: Backend) -> None:
-        """Probe a backend's replicas; learn their versions and, for load_aware, their load."""
+        """Probe a backend's replicas; learn their versions and, for load_aware and cache_aware, their load."""
         balancer = backend.balancer
         probes = await asyncio.gather(*(backend.probe(replica) for replica in backend.replicas))
         for replica, (ok, latency_ms) in zip(backend.replicas, probes, strict=True):
@@ -57,10 +57,13 @@ class HealthMonitor:
                 replica.succeeded()
                 await backend.discover(replica)
                 self.metrics.learn_models(replica.models or ())
-            elif replica.failed(eject_after=balancer.eject_after):
-                fields = {"backend": backend.name, "replica": replica.name, "address": replica.address}
-                log.warning("replica ejected", extra={"fields": fields})
-        if balancer.policy is LBPolicy.LOAD_AWARE:
+            else:
+                if replica.kv is not None:
+                    replica.kv.forget("probe failed")  # a replica that comes back may have restarted empty
+                if replica.failed(eject_after=balancer.eject_after):
+                    fields = {"backend": backend.name, "replica": replica.name, "address": replica.address}
+                    log.warning("replica ejected", extra={"fields": fields})
+        if balancer.policy in (LBPolicy.LOAD_AWARE, LBPolicy.CACHE_AWARE):
             await asyncio.gather(*(backend.scrape_load(r) for r in backend.replicas if r.healthy))
 
     async def _run(self) -> None:

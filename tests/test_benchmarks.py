@@ -36,3 +36,20 @@ def test_a_batch_runs_beside_interactive_requests() -> None:
     assert "batch alone: 200 lines" in output and "'completed': 200, 'failed': 0" in output, output
     rows = [line for line in output.splitlines() if line.startswith(("| alone", "| with a batch running"))]
     assert len(rows) == 2 and all(int(row.split("|")[2]) > 0 for row in rows), output
+
+
+def test_cache_aware_routing_finds_the_cached_prompts() -> None:
+    """Its short form: every request answered under both policies, cache_aware's replicas hit their caches more,
+    and the routing decision is timed."""
+    output = run_bench(
+        "cache_routing.py", "--replicas", "3", "--groups", "8", "--rate", "30", "--warmup", "2", "--seconds", "3",
+        "--workloads", "documents", "--policies", "round_robin,cache_aware", "--decision-trials", "20",
+        "--index-blocks", "500", "--quiet-wait", "0", "--retries", "0",
+    )  # fmt: skip
+    rows = {row.split("|")[2].strip(): row.split("|") for row in output.splitlines() if row.startswith("| documents")}
+    assert set(rows) == {"round_robin", "cache_aware"}, output
+    for row in rows.values():
+        assert int(row[3]) > 0 and int(row[13]) == 0, output  # requests counted, none failed
+    hit_rates = {policy: float(row[9].strip(" %")) for policy, row in rows.items()}
+    assert hit_rates["cache_aware"] > hit_rates["round_robin"], output
+    assert "| a conversation's turn 8 |" in output, output

@@ -75,8 +75,8 @@ def test_example_loads_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert list(fleet.backends) == ["local", "openai"]
     local, openai = fleet.backends["local"], fleet.backends["openai"]
     assert local.provider is ProviderType.VLLM and openai.provider is ProviderType.OPENAI
-    assert local.base_url == ("http://vllm-0:8000/v1", "http://vllm-1:8000/v1")
-    assert openai.base_url == ("https://api.openai.com/v1",)
+    assert local.urls == ("http://vllm-0:8000/v1", "http://vllm-1:8000/v1")
+    assert openai.urls == ("https://api.openai.com/v1",)
     assert local.api_key.get_secret_value() == "vllm-key" and openai.api_key.get_secret_value() == SECRET
     assert (local.lb_policy, local.max_concurrent_tasks, local.timeout) == (LBPolicy.PREFIX_AFFINITY, 400, 120.0)
     assert (local.rate_limit_rps, local.rate_limit_burst, local.models) == (0.0, 0, None)
@@ -149,7 +149,7 @@ def test_variables_are_expanded_in_every_string(tmp_path: Path, monkeypatch: pyt
     settings, fleet = load(write(tmp_path, text))
     assert settings.gateway_api_keys is not None and settings.gateway_api_keys.get_secret_value() == "k1,k2"
     assert settings.queue_size == 42
-    assert fleet.backends["local"].base_url == ("http://vllm-0:8000/v1",)
+    assert fleet.backends["local"].urls == ("http://vllm-0:8000/v1",)
     assert fleet.backends["local"].max_concurrent_tasks == 42
 
 
@@ -210,6 +210,16 @@ def test_unset_variable_names_the_key_and_the_variable_only(tmp_path: Path) -> N
             "models.chat.fallbacks[1]: no backend named 'azure'",
         ),
         ("models: {chat: {target: local/llama}}\n", "models.chat.target: no backend named 'local' (backends: default)"),
+        (
+            "backends: {a: {base_url: [{url: http://a/v1, kv_events: 'a:5557'}]}}\n",
+            "backends.a.base_url[0].kv_events: not a ZMQ endpoint such as tcp://vllm-0:5557",
+        ),
+        (
+            "backends: {a: {base_url: [{url: http://a/v1, kv_replay: 'tcp://a:5558'}]}}\n",
+            "backends.a.base_url[0]: kv_replay without kv_events",
+        ),
+        ("backends: {a: {base_url: [{url: ftp://a}]}}\n", "backends.a.base_url[0].url: not an http://"),
+        ("backends: {a: {base_url: [{url: http://a/v1, kv_event: x}]}}\n", "did you mean kv_events?"),
     ],
 )
 def test_bad_file_is_one_line_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -256,7 +266,7 @@ backends:
     base_url: http://b/v1
 """
     _, fleet = load(write(tmp_path, text))
-    assert fleet.backends["b"].base_url == ("http://b/v1",) and fleet.backends["b"].timeout == 30
+    assert fleet.backends["b"].urls == ("http://b/v1",) and fleet.backends["b"].timeout == 30
 
 
 def test_no_file_is_one_default_backend_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,7 +297,7 @@ def test_file_without_backends_routes_aliases_to_the_default_backend(tmp_path: P
     text = "base_url: [http://a/v1, http://b/v1]\nmodels: {chat: {target: default/meta-llama/Llama-3.1-8B}}\n"
     settings, fleet = load(write(tmp_path, text))
     assert list(fleet.backends) == ["default"]
-    assert fleet.backends["default"].base_url == settings.upstream_roots == ("http://a/v1", "http://b/v1")
+    assert fleet.backends["default"].urls == settings.upstream_roots == ("http://a/v1", "http://b/v1")
     assert fleet.models["chat"].target == Target("default", "meta-llama/Llama-3.1-8B")
 
 
@@ -332,3 +342,47 @@ def test_cli_reads_a_good_file(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "inference-core: INFERENCE_PORT: Input should be a valid integer, unable to parse string as an integer"
     ]
+
+
+def test_replicas_with_their_kv_event_sockets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = """\
+backends:
+  llama:
+    lb_policy: cache_aware
+    tokenizer: /models/llama
+    base_url:
+      - {url: http://vllm-0:8000/v1/, kv_events: tcp://vllm-0:5557, kv_replay: tcp://vllm-0:5558}
+      - http://vllm-1:8000/v1
+"""
+    _, fleet = load(write(tmp_path, text))
+    llama = fleet.backends["llama"]
+    assert llama.lb_policy is LBPolicy.CACHE_AWARE and llama.tokenizer == Path("/models/llama")
+    assert llama.urls == ("http://vllm-0:8000/v1", "http://vllm-1:8000/v1")
+    assert [(r.kv_events, r.kv_replay) for r in llama.base_url] == [
+        ("tcp://vllm-0:5557", "tcp://vllm-0:5558"),
+        (None, None),
+    ]
+    # Without a file: the variables, in INFERENCE_BASE_URL's order, an empty entry for a replica without.
+    monkeypatch.setenv("INFERENCE_BASE_URL", "http://a/v1,http://b/v1,http://c/v1")
+    monkeypatch.setenv("INFERENCE_KV_EVENTS", "tcp://a:5557,,ipc:///run/c/kv")
+    monkeypatch.setenv("INFERENCE_KV_REPLAY", "tcp://a:5558")
+    default = load_fleet(load_settings()).backends["default"]
+    assert [(r.url, r.kv_events, r.kv_replay) for r in default.base_url] == [
+        ("http://a/v1", "tcp://a:5557", "tcp://a:5558"),
+        ("http://b/v1", None, None),
+        ("http://c/v1", "ipc:///run/c/kv", None),
+    ]
+    monkeypatch.setenv("INFERENCE_KV_EVENTS", "tcp://a:5557,tcp://b:5557,tcp://c:5557,tcp://d:5557")
+    with pytest.raises(ConfigError, match="INFERENCE_KV_EVENTS: 4 entries for 3 INFERENCE_BASE_URL replicas"):
+        load_fleet(load_settings())
+    monkeypatch.setenv("INFERENCE_KV_EVENTS", "tcp://a:5557,vllm-b:5557")
+    with pytest.raises(ConfigError, match="'vllm-b:5557' is not a ZMQ endpoint"):
+        load_settings()
+
+
+def test_a_tokenizer_that_does_not_load_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    text = f"backends: {{a: {{lb_policy: cache_aware, tokenizer: {tmp_path}, base_url: http://a/v1}}}}\n"
+    result = _cli("--config", str(write(tmp_path, text)))
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("inference-core: backends.a.tokenizer: ") and "tokenizer.json" in line

@@ -246,7 +246,7 @@ def test_the_configuration_file_shown_loads_as_described(tmp_path: Path, monkeyp
     settings = load_settings(config=str(path))
     fleet = load_fleet(settings)
     assert list(fleet.backends) == ["local", "openai"] and settings.queue_size == 20000
-    assert fleet.backends["local"].base_url == ("http://vllm-0:8100/v1", "http://vllm-1:8100/v1")
+    assert fleet.backends["local"].urls == ("http://vllm-0:8100/v1", "http://vllm-1:8100/v1")
     assert fleet.models["chat"].target.model == "meta-llama/Llama-3.1-8B-Instruct"
     assert settings.model == "chat"
 

@@ -9,13 +9,17 @@ knowing how many there are; the health monitor reaches replicas through the side
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
+import re
 import time
 from fnmatch import fnmatchcase
 from typing import Any
 
 import orjson
+import zmq.asyncio
 
-from inference_core.config import ProviderType
+from inference_core.config import LBPolicy, ProviderType
 from inference_core.config_file import BackendConfig
 from inference_core.endpoints import Endpoint
 from inference_core.engine import retry
@@ -23,12 +27,25 @@ from inference_core.engine.admission import Lane
 from inference_core.engine.ratelimit import RateLimiter
 from inference_core.engine.replicas import Balancer, Load, Replica
 from inference_core.errors import GatewayError, NoHealthyBackend, UpstreamStatusError
+from inference_core.kvcache.feed import Feed
+from inference_core.kvcache.index import Prompt
 from inference_core.providers.base import Provider
 from inference_core.providers.openai import OpenAIProvider
 from inference_core.providers.vllm import VLLMProvider
 from inference_core.upstream import UpstreamResponse, create_transport
 
+log = logging.getLogger("inference_core")
 PROBE_TIMEOUT_SECONDS = 5.0
+#: A replica's /tokenize is on the request path (cache_aware without a tokenizer directory): brief.
+TOKENIZE_TIMEOUT_SECONDS = 2.0
+TOKENIZE_LOG_INTERVAL_SECONDS = 60.0
+#: The chat fields vLLM's /tokenize takes that change what the chat template renders.
+_TEMPLATE_FIELDS = (
+    "messages", "tools", "documents", "chat_template", "chat_template_kwargs", "add_generation_prompt",
+    "continue_final_message", "add_special_tokens",
+)  # fmt: skip
+#: In ``vllm:cache_config_info``: the block size, known to cache_aware before the replica's first event.
+_BLOCK_SIZE = re.compile(r'block_size="(\d+)"')
 _LOAD_GAUGES = {
     "vllm:num_requests_waiting": "waiting",
     "vllm:num_requests_running": "running",
@@ -52,7 +69,11 @@ class Backend:
         eject_after: int,
         stale_after: float,
         drop_unsupported: bool,
+        kv_load_slack: int = 8,
+        kv_events_silence: float = 10.0,
+        kv_index_blocks: int = 200_000,
     ) -> None:
+        """Raises ValueError if its ``tokenizer`` directory cannot be loaded."""
         self.name = name
         self.config = config
         self.kind = config.provider
@@ -65,10 +86,37 @@ class Backend:
                 create_transport(root, idle_connections=idle_connections, timeout=config.timeout),
                 _provider(config.provider, drop_unsupported),
             )
-            for index, root in enumerate(config.base_url)
+            for index, root in enumerate(config.urls)
         ]
-        self.balancer = Balancer(replicas, config.lb_policy, eject_after=eject_after, stale_after=stale_after)
+        self.balancer = Balancer(
+            replicas, config.lb_policy, eject_after=eject_after, stale_after=stale_after, slack=kv_load_slack
+        )
         self.replicas = self.balancer.replicas
+        #: Routed on its replicas' KV events: cache_aware, with at least one replica's events named.
+        self.cache_aware = False
+        self.tokenizer = None
+        self._zmq: zmq.asyncio.Context | None = None
+        if config.lb_policy is LBPolicy.CACHE_AWARE:
+            if any(replica.kv_events for replica in config.base_url):
+                self.cache_aware = True
+                self._zmq = zmq.asyncio.Context()
+                for replica, given in zip(replicas, config.base_url, strict=True):
+                    if given.kv_events:
+                        replica.kv = Feed(
+                            self._zmq,
+                            endpoint=given.kv_events,
+                            replay=given.kv_replay,
+                            capacity=kv_index_blocks,
+                            silence=kv_events_silence,
+                            fields={"backend": name, "replica": replica.name},
+                        )
+            if config.tokenizer is not None:
+                # Imported here: Hugging Face's tokenizers is an optional extra, loaded only where it serves.
+                from inference_core.kvcache.tokenizer import PromptTokenizer
+
+                self.tokenizer = PromptTokenizer.load(config.tokenizer)
+        #: When a prompt that could not be tokenized was last logged (once a minute at most, not per request).
+        self._untokenized_logged_at = -TOKENIZE_LOG_INTERVAL_SECONDS
         self.rate_limiter = rate_limiter
         key = config.api_key.get_secret_value()
         self.auth = {"Authorization": f"Bearer {key}"} if key else {}
@@ -105,12 +153,64 @@ class Backend:
             await self._unused.wait()
 
     async def start(self) -> None:
+        if self.config.lb_policy is LBPolicy.CACHE_AWARE and not self.cache_aware:
+            log.warning("cache_aware without kv_events: routed by load", extra={"fields": {"backend": self.name}})
         for replica in self.replicas:
             await replica.transport.start()
+            if replica.kv is not None:
+                replica.kv.start()
 
     async def aclose(self) -> None:
         for replica in self.replicas:
             await replica.transport.aclose()
+            if replica.kv is not None:
+                await replica.kv.aclose()
+        if self._zmq is not None:
+            self._zmq.destroy(linger=0)  # closes any socket left, so it cannot hang
+
+    async def prompt(self, endpoint: Endpoint, payload: dict[str, Any]) -> Prompt | None:
+        """The request's prompt as tokens, for cache_aware; None (routed by load) when it has none or
+        cannot be tokenized: by the backend's tokenizer directory, else by a replica's /tokenize.
+
+        Only called under cache_aware.
+        """
+        if not endpoint.prompted:
+            return None
+        try:
+            if self.tokenizer is not None:
+                tokens = await self.tokenizer.tokens_async(payload)
+            else:
+                tokens = await self._tokenized(payload)
+        except (ValueError, GatewayError) as exc:
+            now = time.monotonic()
+            if now - self._untokenized_logged_at >= TOKENIZE_LOG_INTERVAL_SECONDS:
+                fields = {"backend": self.name, "reason": str(exc)[:200]}
+                log.warning("prompt not tokenized; routed by load", extra={"fields": fields})
+                self._untokenized_logged_at = now
+            return None
+        model = payload.get("model")
+        return Prompt(tokens, model if isinstance(model, str) else None)
+
+    async def _tokenized(self, payload: dict[str, Any]) -> list[int]:
+        """A replica's own token ids for the prompt (vLLM's ``POST /tokenize``)."""
+        replicas = self.balancer.healthy()
+        if not replicas:
+            raise NoHealthyBackend("No healthy backend replica can tokenize right now.")
+        fields = _TEMPLATE_FIELDS if "messages" in payload else ("prompt", "add_special_tokens")
+        body = orjson.dumps({"model": payload.get("model"), **{f: payload[f] for f in fields if f in payload}})
+        replica = random.choice(replicas)
+        headers = {**self.auth, "Content-Type": "application/json", "X-Request-Id": "tokenize"}
+        response = await replica.transport.request(
+            "POST", "../tokenize", headers=headers, body=body, within=TOKENIZE_TIMEOUT_SECONDS
+        )
+        answer = await response.read()
+        if response.status >= 400:
+            raise upstream_error(replica.provider, response, answer)
+        parsed = orjson.loads(answer)
+        tokens = parsed.get("tokens") if isinstance(parsed, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(token, int) for token in tokens):
+            raise ValueError("the replica's /tokenize answer has no token ids")
+        return tokens
 
     def report(self) -> dict[str, Any]:
         replicas = self.replicas
@@ -176,6 +276,9 @@ class Backend:
         figures = dict.fromkeys(_LOAD_GAUGES.values(), 0.0)
         for line in text.splitlines():
             name = line.split("{", 1)[0].split(" ", 1)[0]
+            found = _BLOCK_SIZE.search(line) if name == "vllm:cache_config_info" else None
+            if found is not None and replica.kv is not None:
+                replica.kv.index.learn_block_size(int(found[1]))
             if name in _LOAD_GAUGES:
                 try:
                     figures[_LOAD_GAUGES[name]] += float(line.rsplit(" ", 1)[1])

@@ -41,6 +41,8 @@ class Outcome:
     completion_tokens: int | None = None
     #: Stream events relayed (counted only where a key's token limit needs them).
     events: int = 0
+    #: cache_aware: the prompt blocks the chosen replica was believed to hold (None: not routed on the cache).
+    cached_blocks: int | None = None
 
     def headers(self) -> dict[str, str]:
         headers = {QUEUE_MS_HEADER: f"{self.queued * 1000:.1f}", RETRIES_HEADER: str(self.retries)}

@@ -311,6 +311,7 @@ class Engine:
             payload, client_raw = usage.ask(payload, client_raw)
         name, attributes = self._span_details(call, destination) if self.tracer.enabled else ("", {})
         rate_limiter = backend.rate_limiter
+        prompt = await backend.prompt(call.endpoint, payload) if backend.cache_aware and pinned is None else None
         tried: list[Replica] = []
         while True:
             if rate_limiter is not None:
@@ -318,7 +319,9 @@ class Engine:
                 waited = await rate_limiter.acquire(within=deadline - time.monotonic())
                 outcome.queued += waited
                 outcome.rate_limited += waited
-            replica = pinned or backend.balancer.pick(payload, tried)
+            replica = pinned or backend.balancer.pick(payload, tried, prompt)
+            if prompt is not None and replica.kv is not None:
+                outcome.cached_blocks = replica.kv.routed(prompt)
             raw, dropped = self._translated(call.endpoint, payload, client_raw, replica)
             tried.append(replica)
             started = time.perf_counter()

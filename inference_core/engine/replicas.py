@@ -15,12 +15,18 @@ Policies (``INFERENCE_LB_POLICY``):
 - ``prefix_affinity``: the same prompt prefix (or ``user``) goes to the same replica, by
   rendezvous hashing, so its prefix cache hits; a replica busier than the least busy by more
   than ``AFFINITY_SLACK`` requests is passed over, so one hot prefix cannot swamp it.
+- ``cache_aware``: the replica whose KV cache holds most of the prompt, by what the replicas'
+  own KV events say (``inference_core.kvcache``), weighed against load (``cache_score``); a
+  replica busier than the least busy by more than ``kv_load_slack`` requests is passed over
+  (the saturation release). Ties go by rendezvous hashing of the first block none of them holds,
+  so a new prefix picks one replica, the same in every gateway.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -29,6 +35,8 @@ from urllib.parse import urlsplit
 
 from inference_core.config import LBPolicy
 from inference_core.errors import NoHealthyBackend
+from inference_core.kvcache.feed import Feed
+from inference_core.kvcache.index import Key, Prompt
 from inference_core.providers.base import Payload, Provider
 from inference_core.upstream import Transport
 
@@ -37,6 +45,10 @@ MAX_COOLDOWN_SECONDS = 60.0
 REPEAT_WINDOW_SECONDS = 60.0
 AFFINITY_SLACK = 4
 PREFIX_CHARS = 256
+#: cache_aware: what a whole prompt held is worth against load. A replica holding all of the
+#: prompt while busier than the least busy by the whole slack scores as an idle one holding half:
+#: prefill of an uncached prompt costs more than waiting behind a few requests, up to the slack.
+CACHE_LOAD_WEIGHT = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +88,16 @@ class Replica:
         self.probe_ok: bool | None = None
         self.probe_ms: float | None = None
         self.probed_at = 0.0
+        #: Its KV-event feed, under cache_aware with ``kv_events`` given.
+        self.kv: Feed | None = None
+
+    def queue(self, now: float, stale_after: float) -> float:
+        """Requests ahead of a new one here: the gateway's own in flight, or what vLLM last reported
+        (every gateway's, running and waiting) if that is more and recent."""
+        load = self.load
+        if load is not None and now - load.at <= stale_after:
+            return max(self.in_flight, load.waiting + load.running)
+        return self.in_flight
 
     def serves(self, model: object) -> bool:
         return self.models is None or model is None or model in self.models
@@ -114,6 +136,7 @@ class Replica:
             },
             "load": None if self.load is None else {"waiting": self.load.waiting, "running": self.load.running,
                                                     "kv_cache": self.load.kv_cache},
+            **({} if self.kv is None else {"kv_index": self.kv.report()}),
         }  # fmt: skip
 
 
@@ -129,21 +152,38 @@ def _weight(key: bytes, replica: Replica) -> bytes:
     return hashlib.blake2b(key + replica.name.encode(), digest_size=8).digest()
 
 
+def cache_score(held: int, blocks: int, excess: float, slack: int) -> float:
+    """A replica's worth for a prompt under cache_aware (higher is better).
+
+    The share of the prompt's ``blocks`` it holds from the start, less ``CACHE_LOAD_WEIGHT`` times
+    its load beyond the least busy candidate's (``excess``) as a share of the ``slack``.
+    """
+    share = held / blocks if blocks else 0.0
+    return share - CACHE_LOAD_WEIGHT * excess / max(slack, 1)
+
+
 class Balancer:
     """Picks a healthy replica that serves the model, by policy."""
 
-    def __init__(self, replicas: Sequence[Replica], policy: LBPolicy, *, eject_after: int, stale_after: float) -> None:
+    def __init__(
+        self, replicas: Sequence[Replica], policy: LBPolicy, *, eject_after: int, stale_after: float, slack: int = 8
+    ) -> None:
         self.replicas = list(replicas)
         self.policy = policy
         self.eject_after = eject_after
         self.stale_after = stale_after
+        #: cache_aware's saturation release (``kv_load_slack``).
+        self.slack = slack
         self._turn = itertools.count()
 
     def healthy(self) -> list[Replica]:
         return [replica for replica in self.replicas if replica.healthy]
 
-    def pick(self, payload: Payload, tried: Iterable[Replica] = ()) -> Replica:
-        """A replica for ``payload``, preferring ones this call has not tried yet."""
+    def pick(self, payload: Payload, tried: Iterable[Replica] = (), prompt: Prompt | None = None) -> Replica:
+        """A replica for ``payload``, preferring ones this call has not tried yet.
+
+        ``prompt`` is the request's prompt as tokens, for cache_aware (None: routed by load).
+        """
         model = payload.get("model")
         healthy = self.healthy()
         # A model no replica lists goes anywhere: the backend's own 404 is the right answer.
@@ -163,9 +203,35 @@ class Balancer:
             if preferred.in_flight <= least + AFFINITY_SLACK:
                 return preferred
             return min(candidates, key=lambda replica: replica.in_flight)
+        if self.policy is LBPolicy.CACHE_AWARE:
+            return self._cache_aware(candidates, prompt)
         if self.policy is LBPolicy.LOAD_AWARE:
             now = time.monotonic()
             if all(r.load is not None and now - r.load.at <= self.stale_after for r in candidates):
                 return min(candidates, key=lambda replica: (replica.load.score(), replica.in_flight))  # type: ignore[union-attr]
         first, second = random.sample(candidates, 2)
         return first if first.in_flight <= second.in_flight else second
+
+    def _cache_aware(self, candidates: list[Replica], prompt: Prompt | None) -> Replica:
+        now = time.monotonic()
+        queues = [replica.queue(now, self.stale_after) for replica in candidates]
+        least = min(queues)
+        best: list[Replica] = []
+        top = -math.inf
+        tie: Key | None = None
+        for replica, queue in zip(candidates, queues, strict=True):
+            if queue > least + self.slack:
+                continue  # saturated: whatever it holds, one hot prefix must not swamp it
+            held, keys = replica.kv.held(prompt) if prompt is not None and replica.kv is not None else (0, [])
+            score = cache_score(held, len(keys), queue - least, self.slack)
+            if score > top:
+                best, top = [replica], score
+                tie = keys[min(held, len(keys) - 1)] if keys else None  # the first block it lacks
+            elif score == top:
+                best.append(replica)
+        if len(best) == 1:
+            return best[0]
+        if tie is None:
+            return random.choice(best)
+        key = tie.to_bytes(8, "big", signed=True)
+        return max(best, key=lambda replica: _weight(key, replica))

@@ -162,6 +162,8 @@ class RequestContext:
             metrics.of(metrics.overhead, endpoint).observe(max(own, 0.0))
         if record.first_event is not None:
             metrics.of(metrics.ttft, endpoint).observe(record.first_event - record.started)
+        if outcome.cached_blocks is not None:
+            metrics.routed_cached_blocks.observe(outcome.cached_blocks)
         if record.client_left:
             metrics.of(metrics.disconnects, "streaming" if status == 200 else "waiting").inc()
 
@@ -185,6 +187,8 @@ class RequestContext:
                 "prompt_tokens": outcome.prompt_tokens,
                 "completion_tokens": outcome.completion_tokens,
             }
+            if outcome.cached_blocks is not None:
+                fields["cached_blocks"] = outcome.cached_blocks
         if record.stream:
             fields["stream"] = True
         if record.client_left:

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from inference_core.engine import Admission, FallbackEvent, Fleet, RetryEvent
+from inference_core.engine.replicas import Replica
 
 #: The largest number of distinct model names used as label values.
 MAX_MODEL_LABELS = 64
@@ -28,6 +29,7 @@ _QUEUE = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _OVERHEAD = (0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01)
 _TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _GAP = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_BLOCKS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class Metrics:
@@ -65,6 +67,11 @@ class Metrics:
         )  # fmt: skip
         self.ttft = histogram("time_to_first_token_seconds", "Request to the first stream event.", _TTFT, ("endpoint",))
         self.gaps = histogram("stream_event_gap_seconds", "Time between events relayed on a stream.", _GAP)
+        self.routed_cached_blocks = histogram(
+            "routed_cached_blocks",
+            "cache_aware: prompt blocks the chosen replica was believed to hold in its KV cache.",
+            _BLOCKS,
+        )
         self.tokens = counter(
             "tokens", "Tokens counted from the backend's usage, by kind and model.", ("kind", "model")
         )
@@ -202,3 +209,26 @@ class BackendCollector:
         yield from families.values()
         yield probe
         yield load
+        yield from _kv_families([(backend.name, replica) for backend in backends for replica in backend.replicas])
+
+
+def _kv_families(replicas: list[tuple[str, Replica]]) -> Iterator[Metric]:
+    """cache_aware's view of each replica with a KV-event feed."""
+    labels = ["backend", "replica"]
+    up = GaugeMetricFamily("inference_core_kv_events_up", "1 while the replica's KV events are trusted.", labels=labels)
+    blocks = GaugeMetricFamily(
+        "inference_core_kv_index_blocks", "Blocks the gateway believes the replica holds.", labels=labels
+    )
+    received = CounterMetricFamily(
+        "inference_core_kv_events", "KV events applied from the replica, by type.", labels=[*labels, "type"]
+    )
+    for backend, replica in replicas:
+        feed = replica.kv
+        if feed is None:
+            continue
+        names = [backend, replica.name]
+        up.add_metric(names, 1 if feed.trusted else 0)
+        blocks.add_metric(names, len(feed.index))
+        for kind in ("BlockStored", "BlockRemoved", "AllBlocksCleared"):
+            received.add_metric([*names, kind], feed.counts[kind])
+    yield from (up, blocks, received)

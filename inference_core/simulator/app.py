@@ -8,7 +8,14 @@ with ``SimulatorConfig.fault``: comma-separated ``status=503``, ``retry_after=2`
 without its ``transcript.text.done``), ``ttft=0.5``, ``itl=0.02``,
 ``huge=N`` (a completion of about N MB), and ``times=N`` (only the first N requests asking for
 this exact fault string get it).
-``GET /_sim/stats`` tells what it saw; ``POST /_sim/reset`` forgets it.
+``GET /_sim/stats`` tells what it saw, with ``Scheduler.stats``; ``POST /_sim/reset`` forgets what
+it saw; ``POST /_sim/kv`` steers the KV events (``Scheduler.steer``: ``{"drop": N}``, ``{"silent": bool}``).
+
+What a vLLM replica does with a prompt before answering (queue its prefill, look it up in the
+prefix cache, publish the KV events) is ``scheduler.py``'s: chat and text completions are
+tokenized as ``/tokenize`` does when that is modelled, wait for ``Scheduler.prefilled``, then for
+the ``ttft`` every answer waits, and report ``cached_tokens`` with ``prompt_tokens_details`` on;
+``POST /reset_prefix_cache`` empties the cache, as vLLM's does.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +37,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from inference_core.simulator import audio, generate, messages, native
+from inference_core.simulator.prefix_cache import DEFAULT_BLOCK_SIZE
 from inference_core.simulator.responses import ResponseStore, Unknown
+from inference_core.simulator.scheduler import Scheduler
 
 #: Chat fields the OpenAI API knows; anything else is refused in ``openai`` mode, as OpenAI does.
 OPENAI_CHAT_FIELDS = frozenset(
@@ -78,6 +87,21 @@ class SimulatorConfig:
     fault: str = ""
     #: Added to ``vllm:num_requests_waiting`` at /metrics, to fake a busy server.
     reported_waiting: int = 0
+    #: Blocks in the modelled prefix cache (vLLM's ``--num-gpu-blocks-override``); 0: none modelled.
+    prefix_cache_blocks: int = 0
+    #: Tokens per cache block (vLLM's ``--block-size``).
+    block_size: int = DEFAULT_BLOCK_SIZE
+    #: Seconds of prefill per uncached prompt token, added to ``ttft``; prefills queue one at a time.
+    prefill_per_token: float = 0.0
+    #: ``usage.prompt_tokens_details.cached_tokens`` in answers (vLLM's ``--enable-prompt-tokens-details``).
+    prompt_tokens_details: bool = False
+    #: A tokenizer directory: ``/tokenize`` and the prefix cache use it instead of the text's UTF-8 bytes.
+    tokenizer: str | None = None
+    #: ZMQ endpoint to bind the KV events' PUB socket on (``tcp://127.0.0.1:5557``); "": no events.
+    kv_events: str = ""
+    #: ZMQ endpoint to bind the replay ROUTER socket on; "": no replay.
+    kv_replay: str = ""
+    kv_topic: str = "kv"
 
 
 @dataclass
@@ -94,7 +118,7 @@ class Stats:
     last_body: Any = None
     last_headers: dict[str, str] = field(default_factory=dict)
 
-    def as_json(self) -> bytes:
+    def as_json(self, **extra: Any) -> bytes:
         return orjson.dumps(
             {
                 "requests": dict(self.requests),
@@ -105,6 +129,7 @@ class Stats:
                 "request_ids": self.request_ids[-1000:],
                 "last_body": self.last_body,
                 "last_headers": self.last_headers,
+                **extra,
             }
         )
 
@@ -120,12 +145,32 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(data), status, headers, media_type="application/json")
 
 
+async def _answer_error(request: Request, exc: Exception) -> Response:
+    """A ``SimulatedError`` raised by any route, as its answer."""
+    assert isinstance(exc, SimulatedError)
+    return _json(exc.body, exc.status, exc.headers)
+
+
 def _faults(spec: str) -> dict[str, str]:
     return dict(([*part.split("=", 1), ""])[:2] for part in spec.split(",") if part.strip())
 
 
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+
+#: A prompt's token ids from a chat or completion body; ``ValueError``/``TypeError`` if it has none.
+Tokenize = Callable[[dict[str, Any]], list[int]]
+
+
+def _tokenizer(directory: str | None) -> Tokenize:
+    """The tokenizer in ``directory`` (its libraries imported only then), else the text's UTF-8 bytes."""
+    if directory is None:
+        return native.prompt_tokens
+    from inference_core.kvcache.tokenizer import PromptTokenizer
+
+    tokens: Tokenize = PromptTokenizer.load(directory).tokens
+    return tokens
 
 
 class Simulator:
@@ -135,8 +180,12 @@ class Simulator:
         self.responses = ResponseStore()
         self.vllm = config.mode == "vllm"
         self.honours_guided = self.vllm and _version(config.vllm_version) < (0, 12)
-        #: Requests being answered now (streams count until their response is returned).
-        self.running = 0
+        self.tokens = _tokenizer(config.tokenizer)
+        self.scheduler = Scheduler(
+            model=config.model, lora=config.lora, blocks=config.prefix_cache_blocks, block_size=config.block_size,
+            prefill_per_token=config.prefill_per_token, reported_waiting=config.reported_waiting,
+            kv_events=config.kv_events, kv_replay=config.kv_replay, kv_topic=config.kv_topic,
+        )  # fmt: skip
 
     # Errors, in each backend's own shape.
 
@@ -170,56 +219,52 @@ class Simulator:
             authorization = request.headers.get("authorization", "").encode()
             headers["authorization_sha256"] = hashlib.sha256(authorization).hexdigest()
             self.stats.last_headers = headers
-        try:
-            body: Any = None
-            if request.method == "POST":
-                raw = await request.body()
-                try:
-                    body = (
-                        audio.form(raw, request.headers.get("content-type", ""))
-                        if path in audio.ROUTES
-                        else orjson.loads(raw)
-                    )
-                except orjson.JSONDecodeError:
-                    raise self.error(400, "Invalid JSON body.") from None
-                except ValueError as exc:  # an audio upload that is not a form with a file
-                    raise self.error(400, str(exc)) from None
-                self.stats.last_body = body
-            asked = request.headers.get("x-sim-fault", "")
-            if isinstance(body, dict) and isinstance(body.get(FAULT_FIELD), str):
-                asked = body.pop(FAULT_FIELD)
-            faults = _faults(self.config.fault) | _faults(asked)
-            if "delay" in faults:
-                await asyncio.sleep(float(faults["delay"]))
-            if "times" in faults:
-                # Only the first N requests asking for this exact fault get it (then: success).
-                self.stats.faults_served[asked] += 1
-                if self.stats.faults_served[asked] > int(faults["times"]):
-                    faults = {}
-            if "status" in faults:
-                status = int(faults["status"])
-                headers = {"retry-after": faults["retry_after"]} if "retry_after" in faults else {}
-                raise SimulatedError(status, self.error(status, f"Simulated failure {status}.").body, headers)
-            if "huge" in faults:
-                # A valid completion carrying about N megabytes, to test how big answers are relayed.
-                padding = "x" * int(float(faults["huge"]) * 1024 * 1024)
-                return _json({"id": "huge", "object": "chat.completion", "created": 0, "model": self.config.model,
-                              "choices": [{"index": 0, "message": {"role": "assistant", "content": padding},
-                                           "finish_reason": "stop", "logprobs": None}]})  # fmt: skip
-            if "malformed" in faults:
-                return Response(b'{"id": "broken", "choices": [', media_type="application/json")
-            if request.method == "POST":
-                self.running += 1
+        body: Any = None
+        if request.method == "POST":
+            body = self.stats.last_body = await self._body(request)
+        asked = request.headers.get("x-sim-fault", "")
+        if isinstance(body, dict) and isinstance(body.get(FAULT_FIELD), str):
+            asked = body.pop(FAULT_FIELD)
+        faults = _faults(self.config.fault) | _faults(asked)
+        if "delay" in faults:
+            await asyncio.sleep(float(faults["delay"]))
+        if "times" in faults:
+            # Only the first N requests asking for this exact fault get it (then: success).
+            self.stats.faults_served[asked] += 1
+            if self.stats.faults_served[asked] > int(faults["times"]):
+                faults = {}
+        if "status" in faults:
+            status = int(faults["status"])
+            headers = {"retry-after": faults["retry_after"]} if "retry_after" in faults else {}
+            raise SimulatedError(status, self.error(status, f"Simulated failure {status}.").body, headers)
+        if "huge" in faults:
+            # A valid completion carrying about N megabytes, to test how big answers are relayed.
+            padding = "x" * int(float(faults["huge"]) * 1024 * 1024)
+            return _json({"id": "huge", "object": "chat.completion", "created": 0, "model": self.config.model,
+                          "choices": [{"index": 0, "message": {"role": "assistant", "content": padding},
+                                       "finish_reason": "stop", "logprobs": None}]})  # fmt: skip
+        if "malformed" in faults:
+            return Response(b'{"id": "broken", "choices": [', media_type="application/json")
+        if request.method == "POST":
+            with self.scheduler.serving():
                 try:
                     return await self.generate(path, body, faults)
                 except (TypeError, ValueError, KeyError, AttributeError, IndexError, orjson.JSONDecodeError):
                     # What a real server rejects as a bad request, not a crash.
                     raise self.error(400, "The request could not be processed.") from None
-                finally:
-                    self.running -= 1
-            return self.describe(path)
-        except SimulatedError as exc:
-            return _json(exc.body, exc.status, exc.headers)
+        return self.describe(path)
+
+    async def _body(self, request: Request) -> Any:
+        """The JSON body, or an audio route's form fields; a 400 for anything else."""
+        raw = await request.body()
+        try:
+            if request.url.path in audio.ROUTES:
+                return audio.form(raw, request.headers.get("content-type", ""))
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise self.error(400, "Invalid JSON body.") from None
+        except ValueError as exc:  # an audio upload that is not a form with a file
+            raise self.error(400, str(exc)) from None
 
     def describe(self, path: str) -> Response:
         if path == "/v1/models":
@@ -248,13 +293,7 @@ class Simulator:
         if path == "/health":
             return Response(b"")
         if path == "/metrics":
-            labels = f'{{model_name="{self.config.model}"}}'
-            text = (
-                f"vllm:num_requests_running{labels} {self.running}\n"
-                f"vllm:num_requests_waiting{labels} {self.config.reported_waiting}\n"
-                f"vllm:kv_cache_usage_perc{labels} 0.0\n"
-            )
-            return Response(text.encode(), media_type="text/plain")
+            return Response(self.scheduler.metrics().encode(), media_type="text/plain")
         raise self.error(404, "Not Found")
 
     def _check(self, body: Any, known: frozenset[str]) -> None:
@@ -308,6 +347,8 @@ class Simulator:
                 return _json(answer)
             if path == "/v1/messages/count_tokens":
                 return _json(messages.count_tokens(body))
+            if path == "/tokenize":
+                return _json(native.tokenized(self.tokens(body)))
             if path in native.ROUTES:
                 return _json(native.ROUTES[path](body))
             # Any other route naming a model: "the next endpoint vLLM adds", echoing what it got.
@@ -326,15 +367,12 @@ class Simulator:
             ("POST", "cancel"): self.responses.cancel, ("GET", "input_items"): self.responses.input_items,
         }  # fmt: skip
         call = calls.get((request.method, action))
+        if call is None:
+            raise self.error(404, "Not Found")
         try:
-            if call is None:
-                raise self.error(404, "Not Found")
-            try:
-                return _json(call(ident))
-            except Unknown:
-                raise self._unknown_response(ident) from None
-        except SimulatedError as exc:
-            return _json(exc.body, exc.status, exc.headers)
+            return _json(call(ident))
+        except Unknown:
+            raise self._unknown_response(ident) from None
 
     # Completions.
 
@@ -439,9 +477,10 @@ class Simulator:
         n = self._bounded(body, "n", 1, 16)
         choices = [self._choice(body, index, chat) for index in range(n)]
         prompt = body.get("messages") if chat else body.get("prompt")
-        prompt_tokens = max(1, len(orjson.dumps(prompt)) // 4)
+        prompt_ids = self._prompt_ids(body)
+        prompt_tokens = max(1, len(orjson.dumps(prompt)) // 4) if prompt_ids is None else len(prompt_ids)
         completion_tokens = sum(max(1, len(tokens)) for tokens, _, _ in choices)
-        usage = {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
@@ -450,7 +489,7 @@ class Simulator:
         created = int(time.time())
         model = body["model"]
         if body.get("stream"):
-            events = self._events(ident, created, model, choices, usage, body, faults, chat=chat)
+            events = self._events(ident, created, model, choices, usage, body, faults, prompt_ids, chat=chat)
             return StreamingResponse(events, media_type="text/event-stream")
         out = []
         for index, (tokens, finish, call) in enumerate(choices):
@@ -480,18 +519,37 @@ class Simulator:
                         "finish_reason": finish,
                     }
                 )
-        await asyncio.sleep(float(faults.get("ttft", self.config.ttft)))
-        return _json(
-            {
-                "id": ident,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": created,
-                "model": model,
-                "choices": out,
-                "usage": usage,
-                **(VLLM_EXTRAS if self.vllm else {}),
-            }
-        )
+        async with self.scheduler.prefilled(model, prompt_ids) as cached:
+            self._cached(usage, cached)
+            await asyncio.sleep(float(faults.get("ttft", self.config.ttft)))
+            return _json(
+                {
+                    "id": ident,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": out,
+                    "usage": usage,
+                    **(VLLM_EXTRAS if self.vllm else {}),
+                }
+            )
+
+    def _prompt_ids(self, body: dict[str, Any]) -> list[int] | None:
+        """The prompt's token ids when the scheduler prefills (a prefix cache, or a cost per token), else None.
+
+        None too for a prompt ``/tokenize`` refuses (a list of prompts, token ids): it is served as
+        when nothing is modelled, neither cached nor queued.
+        """
+        if not self.scheduler.prefills:
+            return None
+        try:
+            return self.tokens(body)
+        except (TypeError, ValueError, KeyError):
+            return None
+
+    def _cached(self, usage: dict[str, Any], cached: int) -> None:
+        if self.config.prompt_tokens_details:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
 
     async def _events(
         self,
@@ -499,9 +557,10 @@ class Simulator:
         created: int,
         model: str,
         choices: list[tuple[list[str], str, dict[str, Any] | None]],
-        usage: dict[str, int],
+        usage: dict[str, Any],
         body: dict[str, Any],
         faults: dict[str, str],
+        prompt_ids: list[int] | None,
         *,
         chat: bool,
     ) -> AsyncIterator[bytes]:
@@ -534,36 +593,39 @@ class Simulator:
             return out
 
         try:
-            await asyncio.sleep(ttft)
-            if chat:
-                yield event(
-                    [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                        for i in range(len(choices))
-                    ]
-                )
-            longest = max(len(tokens) for tokens, _, _ in choices)
-            for position in range(longest):
-                if position:
-                    await asyncio.sleep(itl)
-                if reset_after is not None and sent >= reset_after:
-                    raise ConnectionResetError("simulated connection reset")
-                for index, (tokens, _, _) in enumerate(choices):
-                    if position < len(tokens):
-                        yield event([piece(index, tokens[position], None)])
-                        sent += 1
-            for index, (_, finish, call) in enumerate(choices):
-                yield event([piece(index, None, finish, call)])
-            if include_usage:
-                yield event([], usage=usage)
-            if "no_done" not in faults:
-                yield b"data: [DONE]\n\n"
-            self.stats.streams_completed += 1
+            with self.scheduler.serving():
+                async with self.scheduler.prefilled(model, prompt_ids) as cached:
+                    self._cached(usage, cached)
+                    await asyncio.sleep(ttft)
+                    if chat:
+                        yield event(
+                            [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                                for i in range(len(choices))
+                            ]
+                        )
+                    longest = max(len(tokens) for tokens, _, _ in choices)
+                    for position in range(longest):
+                        if position:
+                            await asyncio.sleep(itl)
+                        if reset_after is not None and sent >= reset_after:
+                            raise ConnectionResetError("simulated connection reset")
+                        for index, (tokens, _, _) in enumerate(choices):
+                            if position < len(tokens):
+                                yield event([piece(index, tokens[position], None)])
+                                sent += 1
+                    for index, (_, finish, call) in enumerate(choices):
+                        yield event([piece(index, None, finish, call)])
+                    if include_usage:
+                        yield event([], usage=usage)
+                    if "no_done" not in faults:
+                        yield b"data: [DONE]\n\n"
+                    self.stats.streams_completed += 1
         except (asyncio.CancelledError, GeneratorExit):
             self.stats.streams_aborted += 1
             raise
@@ -634,7 +696,31 @@ class Simulator:
     # Test hooks.
 
     async def stats_view(self, request: Request) -> Response:
-        return Response(self.stats.as_json(), media_type="application/json")
+        return Response(self.stats.as_json(**self.scheduler.stats()), media_type="application/json")
+
+    async def kv_hooks(self, request: Request) -> Response:
+        """``{"drop": N}`` and ``{"silent": bool}``: what the PUB socket withholds (``Scheduler.steer``)."""
+        if self.scheduler.publisher is None:
+            raise self.error(404, "KV events are not published: no kv_events endpoint.")
+        body = await self._body(request)
+        drop = body.get("drop") if isinstance(body, dict) else None
+        silent = body.get("silent") if isinstance(body, dict) else None
+        if drop is not None and (not isinstance(drop, int) or isinstance(drop, bool) or drop < 0):
+            raise self.error(400, "'drop' must be a count of batches.", param="drop")
+        if silent is not None and not isinstance(silent, bool):
+            raise self.error(400, "'silent' must be true or false.", param="silent")
+        return _json(self.scheduler.steer(drop=drop, silent=silent))
+
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        """vLLM's ``POST /reset_prefix_cache``: ``{"success": false}`` while running requests hold blocks.
+
+        ``?reset_running_requests=true`` resets anyway, as vLLM's does.
+        """
+        self.stats.requests[request.url.path] += 1
+        if not self.vllm:
+            raise self.error(404, "Not Found")
+        force = request.query_params.get("reset_running_requests", "").lower() in ("1", "true", "yes", "on")
+        return _json({"success": self.scheduler.reset_prefix_cache(force=force)})
 
     async def reset(self, request: Request) -> Response:
         self.stats = Stats()
@@ -658,6 +744,12 @@ def create_simulator(config: SimulatorConfig | None = None) -> Starlette:
         Route("/metrics", simulator.handle, methods=["GET"]),
         Route("/_sim/stats", simulator.stats_view, methods=["GET"]),
         Route("/_sim/reset", simulator.reset, methods=["POST"]),
+        Route("/_sim/kv", simulator.kv_hooks, methods=["POST"]),
+        Route("/reset_prefix_cache", simulator.reset_prefix_cache, methods=["POST"]),
         Route("/v1/{rest:path}", simulator.handle, methods=["POST"]),
     ]
-    return Starlette(routes=served)
+    return Starlette(
+        routes=served,
+        exception_handlers={SimulatedError: _answer_error},
+        lifespan=lambda app: simulator.scheduler.publishing(),
+    )

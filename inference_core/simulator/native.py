@@ -1,8 +1,10 @@
 """vLLM's own routes as the simulator answers them: tokenize, detokenize, score, rerank, classify, pooling.
 
 Each function takes a checked request body and returns the answer in vLLM's shape. Tokens are
-the UTF-8 bytes of the text, so detokenize inverts tokenize; scores are cosine similarities of
-the simulator's deterministic embeddings. ``ValueError`` and ``TypeError`` mean a bad request.
+the UTF-8 bytes of the text (a chat's: its messages' contents, one a line), so detokenize
+inverts tokenize; a simulator given a tokenizer directory answers ``/tokenize`` with that
+instead. Scores are cosine similarities of the simulator's deterministic embeddings.
+``ValueError`` and ``TypeError`` mean a bad request.
 """
 
 from __future__ import annotations
@@ -47,9 +49,18 @@ def _listed(kind: str, body: Body, data: list[dict[str, Any]], tokens: int) -> B
     }  # fmt: skip
 
 
-def tokenize(body: Body) -> Body:
-    tokens = list(_text(body).encode())
+def prompt_tokens(body: Body) -> list[int]:
+    """A chat's or completion's token ids, as ``/tokenize`` answers and the prefix cache keys them."""
+    return list(_text(body).encode())
+
+
+def tokenized(tokens: list[int]) -> Body:
+    """``/tokenize``'s answer for these token ids."""
     return {"count": len(tokens), "max_model_len": 4096, "tokens": tokens, "token_strs": None}
+
+
+def tokenize(body: Body) -> Body:
+    return tokenized(prompt_tokens(body))
 
 
 def detokenize(body: Body) -> Body:

@@ -8,11 +8,13 @@ took is printed at the end of the run.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -112,6 +114,28 @@ def _serve(vllm_python: Path, model: str | Path, args: list[str], log_dir: Path)
     return server
 
 
+@dataclass
+class Replica(Server):
+    """A vLLM publishing its KV-cache events: on a PUB socket (bound on every interface, as vLLM binds
+    only an endpoint with ``*``) and a replay socket on loopback."""
+
+    kv_events: str = ""
+    kv_replay: str = ""
+
+
+def _chat_replica(vllm_python: Path, tiny_model: Path, log_dir: Path) -> Replica:
+    events, replay = free_port(), free_port()
+    config = {
+        "enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
+        "endpoint": f"tcp://*:{events}", "replay_endpoint": f"tcp://127.0.0.1:{replay}",
+    }  # fmt: skip
+    args = [*_chat_args(tiny_model), "--kv-events-config", json.dumps(config)]
+    server = _serve(vllm_python, tiny_model / "model", args, log_dir)
+    return Replica(
+        server.process, server.url, server.log_path, f"tcp://127.0.0.1:{events}", f"tcp://127.0.0.1:{replay}"
+    )
+
+
 def _chat_args(tiny_model: Path) -> list[str]:
     return [
         "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", "1024",
@@ -123,16 +147,16 @@ def _chat_args(tiny_model: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def vllm_chat(vllm_python: Path, tiny_model: Path, log_dir: Path) -> Iterator[Server]:
-    server = _serve(vllm_python, tiny_model / "model", _chat_args(tiny_model), log_dir)
+def vllm_chat(vllm_python: Path, tiny_model: Path, log_dir: Path) -> Iterator[Replica]:
+    server = _chat_replica(vllm_python, tiny_model, log_dir)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def vllm_chat_replica(vllm_python: Path, tiny_model: Path, log_dir: Path) -> Iterator[Server]:
-    """A second chat replica, for failover (the failover test stops it)."""
-    server = _serve(vllm_python, tiny_model / "model", _chat_args(tiny_model), log_dir)
+def vllm_chat_replica(vllm_python: Path, tiny_model: Path, log_dir: Path) -> Iterator[Replica]:
+    """A second chat replica, for cache-aware routing and failover (the failover test stops it)."""
+    server = _chat_replica(vllm_python, tiny_model, log_dir)
     yield server
     server.stop()
 
